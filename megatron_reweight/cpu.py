@@ -1,0 +1,70 @@
+"""Run the real megatron-core on CPU (gloo), for tests, CI and CPU runs.
+
+megatron-core asks for CUDA in many places (`torch.cuda.current_device()`,
+`device="cuda"`, `.cuda()`, the model-parallel CUDA RNG tracker). Rather than
+fork it, this module redirects those requests to the CPU:
+
+* a TorchFunctionMode rewrites CUDA device arguments to CPU and makes
+  `Tensor.cuda()` a no-op;
+* `torch.cuda.current_device` answers device 0 (which the mode maps to CPU),
+  `torch.cuda.synchronize` does nothing;
+* the CUDA RNG tracker is backed by the CPU default generator (on CPU every
+  random op draws from it, so that is the generator the tracker must fork).
+
+It is active only after `enable_megatron_core_on_cpu()` and only when CUDA is
+absent; it is tested against the pinned megatron-core version (0.16.1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+_enabled_mode: TorchFunctionMode | None = None
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is a CUDA ordinal in torch's device arguments.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        return func(*args, **kwargs)
+
+
+def enable_megatron_core_on_cpu() -> None:
+    """Install the CPU redirection for this process (idempotent). No-op with CUDA."""
+    global _enabled_mode
+    if _enabled_mode is not None or torch.cuda.is_available():
+        return
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.manual_seed = torch.manual_seed
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    megatron_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
+
+    _enabled_mode = _CudaToCpuMode()
+    _enabled_mode.__enter__()
+
+
+def megatron_core_on_cpu() -> bool:
+    """True when this process runs megatron-core through the CPU redirection."""
+    return _enabled_mode is not None

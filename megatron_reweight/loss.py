@@ -1,0 +1,191 @@
+"""The weighted loss inside Megatron-Core's forward step.
+
+Per microbatch, on the last pipeline stage:
+1. per-sample losses f_i = (sum of unmasked per-token losses) / (unmasked tokens),
+   with sums and counts added over the context-parallel group first, so every CP
+   rank sees each sample's full-sequence loss;
+2. the f_i are all-gathered over the data-parallel group only (never TP or PP:
+   TP ranks hold identical losses, PP stages hold none);
+3. weights w_i = compute_weights(gathered f, ...) on the whole gathered batch
+   (micro-batch size x DP samples); each rank keeps its own slice;
+4. the returned loss is scaled so that after Megatron's schedule and DDP the
+   gradient is exactly  (1/M) sum_microbatches sum_i w_i grad f_i.
+
+The scaling, for both `calculate_per_token_loss` modes: we return
+num_tokens = 1 and loss = DP * CP * sum_{i local} w_i * s_i / N_i, where s_i is
+this CP rank's share of the token-loss sum and N_i the sample's full token count.
+* per-token loss off: the schedule divides by clamp(num_tokens, 1) = 1 and by M,
+  DDP averages over the DP x CP group (pre-scaling 1/size, or AVG in the
+  collective): gradient = (1/M) sum w_i grad f_i.
+* per-token loss on: the schedule keeps the raw loss, DDP sums, and
+  finalize_model_grads divides by the all-reduced token count, here DP * CP * M:
+  the same gradient.
+Weights are detached. A sample with no unmasked token or a non-finite loss gets
+weight 0 and its tokens pass no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_reweight.strategies import compute_weights
+from megatron_reweight.temperature import TemperatureSchedule
+
+
+@dataclass
+class ReweightConfig:
+    strategy: str = "uniform"
+    temperature: TemperatureSchedule = field(default_factory=TemperatureSchedule)
+    delta: float = 1.0
+    strategy_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Fail at start-up, not at the first step, on a bad strategy or option.
+        compute_weights(torch.zeros(2), self.strategy, r=1.0, delta=self.delta, **self.strategy_kwargs)
+
+
+def check_megatron_config(calculate_per_token_loss: bool, average_in_collective: bool) -> None:
+    """Reject loss-mode combinations whose gradient scaling we cannot make exact."""
+    if calculate_per_token_loss and average_in_collective:
+        raise ValueError(
+            "calculate_per_token_loss=True with average_in_collective=True is not supported "
+            "(Megatron's DDP rejects it too): turn one of them off"
+        )
+
+
+@dataclass
+class SampleLosses:
+    """Per-sample loss pieces of one microbatch on this rank."""
+
+    local_sums: torch.Tensor  # [b] this CP rank's share of the token-loss sums, carries the gradient
+    token_counts: torch.Tensor  # [b] full-sequence unmasked token counts (summed over CP)
+    losses: torch.Tensor  # [b] detached full-sequence mean losses; NaN where the sample is invalid
+
+
+def per_sample_losses(
+    per_token_loss: torch.Tensor, loss_mask: torch.Tensor, context_parallel_group=None
+) -> SampleLosses:
+    """Mean loss of each sample over its unmasked tokens, from Megatron's [b, s] tensors."""
+    if per_token_loss.dim() != 2 or per_token_loss.shape != loss_mask.shape:
+        raise ValueError(
+            f"expected per-token losses and loss mask of the same shape [batch, seq], got "
+            f"{tuple(per_token_loss.shape)} and {tuple(loss_mask.shape)}"
+        )
+    mask = loss_mask.bool()
+    # torch.where (not a product) so NaN/Inf in masked or faulty tokens cannot leak.
+    masked = torch.where(mask, per_token_loss, torch.zeros_like(per_token_loss))
+    finite = torch.isfinite(masked)
+    local_sums = torch.where(finite, masked, torch.zeros_like(masked)).sum(dim=1)
+    pieces = torch.stack(
+        [local_sums.detach().float(), mask.sum(dim=1).float(), (~finite).any(dim=1).float()]
+    )
+    if context_parallel_group is not None and dist.get_world_size(context_parallel_group) > 1:
+        dist.all_reduce(pieces, group=context_parallel_group)
+    full_sums, token_counts, faulty = pieces
+    valid = (token_counts > 0) & (faulty == 0)
+    losses = torch.where(valid, full_sums / token_counts.clamp(min=1), torch.full_like(full_sums, math.nan))
+    return SampleLosses(local_sums=local_sums, token_counts=token_counts, losses=losses)
+
+
+def gather_losses(losses: torch.Tensor, data_parallel_group=None) -> torch.Tensor:
+    """All per-sample losses of the microbatch across the data-parallel group, in rank order."""
+    if data_parallel_group is None or dist.get_world_size(data_parallel_group) == 1:
+        return losses
+    gathered = torch.empty(
+        dist.get_world_size(data_parallel_group) * losses.numel(), dtype=losses.dtype, device=losses.device
+    )
+    dist.all_gather_into_tensor(gathered, losses.contiguous(), group=data_parallel_group)
+    return gathered
+
+
+def weight_statistics(losses: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
+    """Diagnostics of one gathered batch; invalid (NaN) samples are left out."""
+    valid = torch.isfinite(losses)
+    count = int(valid.sum())
+    stats = {"reweight skipped samples": float(losses.numel() - count)}
+    if count == 0:
+        return stats
+    w, f = weights[valid].double(), losses[valid].double()
+    stats.update(
+        {
+            "weighted loss": float((w * f).sum()),
+            "max weight x batch": float(w.max() * count),  # Theorem 1 asks for <= 2
+            "min weight x batch": float(w.min() * count),
+            "effective sample fraction": float(1.0 / (w.square().sum() * count)),
+            "sample loss min": float(f.min()),
+            "sample loss mean": float(f.mean()),
+            "sample loss max": float(f.max()),
+        }
+    )
+    return stats
+
+
+class SampleReweighter:
+    """Builds Megatron `loss_func`s that apply loss-based sample weights.
+
+    Set `step` to the current iteration before each forward-backward pass; the
+    temperature schedule is read at that step. `last_losses` / `last_weights` hold the
+    gathered batch of the latest microbatch, for diagnostics such as weight histograms."""
+
+    def __init__(self, config: ReweightConfig, data_parallel_group=None, context_parallel_group=None):
+        self.config = config
+        self.data_parallel_group = data_parallel_group
+        self.context_parallel_group = context_parallel_group
+        self.step = 0
+        self.last_losses: torch.Tensor | None = None
+        self.last_weights: torch.Tensor | None = None
+
+    @classmethod
+    def from_parallel_state(cls, config: ReweightConfig) -> "SampleReweighter":
+        from megatron.core import parallel_state
+
+        return cls(
+            config,
+            data_parallel_group=parallel_state.get_data_parallel_group(with_context_parallel=False),
+            context_parallel_group=parallel_state.get_context_parallel_group(),
+        )
+
+    def _group_size(self, group) -> int:
+        return 1 if group is None else dist.get_world_size(group)
+
+    def temperature(self) -> float:
+        return self.config.temperature(self.step)
+
+    def loss_func(self, loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+        """Megatron 0.16 loss_func contract: returns (loss, num_tokens, report)."""
+        pieces = per_sample_losses(output_tensor, loss_mask, self.context_parallel_group)
+        dp_size = self._group_size(self.data_parallel_group)
+        dp_rank = 0 if dp_size == 1 else dist.get_rank(self.data_parallel_group)
+        gathered = gather_losses(pieces.losses, self.data_parallel_group)
+        weights = compute_weights(
+            gathered, self.config.strategy, r=self.temperature(), delta=self.config.delta, **self.config.strategy_kwargs
+        )
+        self.last_losses, self.last_weights = gathered, weights
+        batch = pieces.losses.numel()
+        local_weights = weights[dp_rank * batch : (dp_rank + 1) * batch].to(pieces.local_sums.dtype)
+        scale = dp_size * self._group_size(self.context_parallel_group)
+        loss = scale * (local_weights * pieces.local_sums / pieces.token_counts.clamp(min=1)).sum()
+        num_tokens = torch.ones((), dtype=torch.int, device=loss.device)
+
+        # Unweighted, as Megatron reports it, so runs with and without reweighting compare.
+        report = {"lm loss": torch.stack([pieces.local_sums.detach().sum().float(), loss_mask.sum().float()])}
+        for name, value in weight_statistics(gathered, weights).items():
+            # [value, 1]: Megatron sums such pairs over microbatches and DP x CP ranks, then divides.
+            report[name] = torch.tensor([value, 1.0], device=loss.device)
+        return loss, num_tokens, report
+
+
+def reduce_reports(reports: list[dict[str, torch.Tensor]], group=None) -> dict[str, float]:
+    """Megatron-LM's reduction of loss_func reports: sum [value, count] pairs over
+    microbatches and the DP x CP group, then divide."""
+    if not reports:
+        return {}
+    keys = sorted(set().union(*reports))
+    totals = torch.stack([sum(r[k] for r in reports if k in r) for k in keys])
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(totals, group=group)
+    return {k: float(total[0] / total[1]) for k, total in zip(keys, totals) if total[1] > 0}

@@ -1,0 +1,178 @@
+"""A Llama-architecture GPTModel from megatron-core: RMSNorm, SwiGLU, RoPE, GQA,
+untied embeddings, no biases, no dropout.
+
+Transformer Engine's layer spec when it is installed and a GPU is used; megatron-core's
+local spec otherwise. On CPU, context parallelism (which megatron-core implements only
+in Transformer Engine's attention) uses `ContextParallelCoreAttention` below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    seq_length: int
+    vocab_size: int
+    rotary_base: int = 10000
+    norm_epsilon: float = 1e-5
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def llama_transformer_config(
+    shape: LlamaShape,
+    *,
+    bf16: bool = False,
+    sequence_parallel: bool = False,
+    calculate_per_token_loss: bool = False,
+    init_method_std: float = 0.02,
+) -> TransformerConfig:
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups,
+        normalization="RMSNorm",
+        layernorm_epsilon=shape.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=init_method_std,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        calculate_per_token_loss=calculate_per_token_loss,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        masked_softmax_fusion=torch.cuda.is_available(),
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def build_llama(
+    shape: LlamaShape, config: TransformerConfig, *, use_transformer_engine: bool, vp_stage: int | None = None
+) -> GPTModel:
+    if use_transformer_engine:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        layer_spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        if config.context_parallel_size > 1:
+            layer_spec.submodules.self_attention.submodules.core_attention = ContextParallelCoreAttention
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=shape.vocab_size,
+        max_sequence_length=shape.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=shape.rotary_base,
+        vp_stage=vp_stage,
+    )
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along dim 0 over a group; the backward sums gradients and keeps this rank's part."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        size = torch.distributed.get_world_size(ctx.group)
+        rank = torch.distributed.get_rank(ctx.group)
+        return grad.chunk(size, dim=0)[rank], None
+
+
+class ContextParallelCoreAttention(MegatronModule):
+    """Causal core attention for context parallelism without Transformer Engine.
+
+    Each CP rank holds sequence chunks (rank, 2*CP-1-rank) of 2*CP (megatron's
+    load-balanced split). Keys and values are all-gathered over the CP group and the
+    causal mask is built from the chunks' global positions. Made for CPU runs and
+    tests, where sequences are short; on GPUs Transformer Engine's ring attention is used.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"ContextParallelCoreAttention supports causal masks only, got {attn_mask_type}")
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
+        self.cp_group = parallel_state.get_context_parallel_group()
+
+    def _chunk_positions(self, chunk_length: int, rank: int, device) -> torch.Tensor:
+        cp_size = torch.distributed.get_world_size(self.cp_group)
+        chunks = (rank, 2 * cp_size - 1 - rank)
+        return torch.cat([torch.arange(c * chunk_length, (c + 1) * chunk_length, device=device) for c in chunks])
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+        # query [sq, b, np, hn]; key, value [sq, b, ng, hn] for this rank's two chunks.
+        cp_size = torch.distributed.get_world_size(self.cp_group)
+        chunk_length = query.shape[0] // 2
+        key = _GatherSequence.apply(key, self.cp_group)
+        value = _GatherSequence.apply(value, self.cp_group)
+        query_positions = self._chunk_positions(chunk_length, torch.distributed.get_rank(self.cp_group), query.device)
+        key_positions = torch.cat([self._chunk_positions(chunk_length, r, query.device) for r in range(cp_size)])
+
+        heads_per_group = query.shape[2] // key.shape[2]
+        key = key.repeat_interleave(heads_per_group, dim=2)
+        value = value.repeat_interleave(heads_per_group, dim=2)
+        # [b, np, s, hn]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.softmax_scale
+        future = key_positions[None, :] > query_positions[:, None]
+        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1).to(v.dtype)
+        context = torch.matmul(probs, v)  # [b, np, sq, hn]
+        return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)

@@ -1,0 +1,34 @@
+"""Launch test workers under torchrun (gloo on CPU), as a real multi-process job."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int, script: Path, *args: str, timeout: float = 600, env: dict | None = None):
+    """Run `script` on `nproc` local ranks; fail the test with the workers' output if any rank fails."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc-per-node={nproc}", f"--master-port={free_port()}", "--master-addr=127.0.0.1",
+        str(script), *args,
+    ]  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=REPO)
+    if result.returncode != 0:
+        raise AssertionError(
+            f"torchrun {script.name} {' '.join(args)} failed ({result.returncode}):\n"
+            f"{result.stdout[-6000:]}\n{result.stderr[-8000:]}"
+        )
+    return result

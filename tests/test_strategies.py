@@ -1,0 +1,177 @@
+"""compute_weights against the papers' formulas, written out here independently in numpy."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_reweight import available_strategies, compute_weights, register_strategy
+
+RNG = np.random.default_rng(0)
+LOSSES = RNG.uniform(1.0, 6.0, size=32)
+
+
+def paper1_reference(losses: np.ndarray, strategy: str, r: float, delta: float) -> np.ndarray:
+    """Algorithm 1: normalise into [-delta, delta], apply the strategy, softmax with temperature r (Eq. 4)."""
+    h = delta * (2 * (losses - losses.min()) / (losses.max() - losses.min()) - 1)
+    s = {
+        "uniform": np.zeros_like(h),
+        "linupper": np.minimum(h + delta, delta),
+        "quadratic": delta * (1 - h**2 / delta**2),
+        "extremes": np.abs(h),
+    }[strategy]
+    e = np.exp((s - s.max()) / r)
+    return e / e.sum()
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "linupper", "quadratic", "extremes"])
+@pytest.mark.parametrize("r, delta", [(1.0, 1.0), (0.4, 1.0), (2.0, 0.5)])
+def test_paper1_strategies_follow_algorithm_1(strategy, r, delta):
+    weights = compute_weights(torch.tensor(LOSSES), strategy, r=r, delta=delta)
+    np.testing.assert_allclose(weights.numpy(), paper1_reference(LOSSES, strategy, r, delta), rtol=1e-10)
+
+
+def test_strategy_shapes_match_their_intent():
+    order = np.argsort(LOSSES)
+    lowest, middle, highest = order[0], order[len(order) // 2], order[-1]
+    linupper = compute_weights(torch.tensor(LOSSES), "linupper", r=0.5).numpy()
+    quadratic = compute_weights(torch.tensor(LOSSES), "quadratic", r=0.5).numpy()
+    extremes = compute_weights(torch.tensor(LOSSES), "extremes", r=0.5).numpy()
+    assert linupper[lowest] == linupper.min()  # low-loss samples are down-weighted
+    assert quadratic[middle] > quadratic[lowest] and quadratic[middle] > quadratic[highest]
+    assert extremes[lowest] == pytest.approx(extremes.max()) and extremes[highest] == pytest.approx(extremes.max())
+
+
+@pytest.mark.parametrize("strategy", ["linupper", "quadratic", "extremes", "irdro", "capped"])
+def test_large_temperature_gives_uniform_weights(strategy):
+    weights = compute_weights(torch.tensor(LOSSES), strategy, r=1e9)
+    np.testing.assert_allclose(weights.numpy(), np.full(len(LOSSES), 1 / len(LOSSES)), rtol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("strategy", sorted(set(available_strategies())))
+def test_weights_are_a_distribution_of_same_shape_and_dtype(strategy, dtype):
+    losses = torch.tensor(LOSSES, dtype=dtype)
+    weights = compute_weights(losses, strategy, r=0.7)
+    assert weights.shape == losses.shape and weights.dtype == dtype
+    assert (weights >= 0).all()
+    assert float(weights.double().sum()) == pytest.approx(1.0, abs=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    assert not weights.requires_grad
+
+
+def test_linupper_respects_theorem_1_bound_for_paper_temperatures():
+    # Section A.5: with r >= 1 LinUpper keeps max w_i <= 2/b (softmax of scores in [0, delta]).
+    for r in (1.0, 2.0):
+        weights = compute_weights(torch.tensor(LOSSES), "linupper", r=r)
+        assert float(weights.max()) * len(LOSSES) <= 2.0
+
+
+def test_irdro_is_softmax_of_raw_losses():
+    r = 1.5
+    expected = np.exp(LOSSES / r) / np.exp(LOSSES / r).sum()
+    np.testing.assert_allclose(compute_weights(torch.tensor(LOSSES), "irdro", r=r).numpy(), expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("r", [0.05, 0.3, 1.0])
+def test_capped_is_the_proposition_1_optimum(r):
+    """Proposition 1: the minimiser of -sum w_i h_i + r sum w_i log(b w_i) with w_i <= 2/b, sum w = 1,
+    is w_i = min(C exp(h_i / r), 2/b). Check the KKT form and optimality against feasible perturbations."""
+    b = len(LOSSES)
+    h = 2 * (LOSSES - LOSSES.min()) / (LOSSES.max() - LOSSES.min()) - 1
+    w = compute_weights(torch.tensor(LOSSES), "capped", r=r).numpy()
+    cap = 2.0 / b
+    assert w.sum() == pytest.approx(1.0) and w.max() <= cap * (1 + 1e-9)
+    free = w < cap * (1 - 1e-9)
+    constant = w[free] / np.exp(h[free] / r)
+    np.testing.assert_allclose(constant, constant[0], rtol=1e-8)  # one C for every uncapped sample
+    assert (constant[0] * np.exp(h[~free] / r) >= cap * (1 - 1e-9)).all()  # capped ones would exceed the cap
+
+    def objective(v):
+        return -(v * h).sum() + r * (v * np.log(b * v)).sum()
+
+    for _ in range(200):
+        direction = RNG.normal(size=b)
+        direction -= direction.mean()
+        candidate = w + 1e-3 * direction / np.abs(direction).max() / b
+        if candidate.min() > 0 and candidate.max() <= cap:
+            assert objective(candidate) >= objective(w) - 1e-12
+
+
+def test_capped_with_small_r_binds_the_cap():
+    weights = compute_weights(torch.tensor(LOSSES), "capped", r=0.05)
+    assert float(weights.max()) == pytest.approx(2 / len(LOSSES))
+
+
+@pytest.mark.parametrize(
+    "strategy, options, kept_ranks",
+    [
+        ("midranking", {}, range(2, 4)),  # b=8, n1=n2=0.25: skip top 2, keep the next 2
+        ("midranking", {"skip_fraction": 0.5, "keep_fraction": 0.5}, range(4, 8)),
+        ("highranking", {}, range(0, 2)),
+        ("lowranking", {}, range(6, 8)),
+        ("midranking", {"skip_fraction": 0.0, "keep_fraction": 1.0}, range(0, 8)),  # = uniform
+    ],
+)
+def test_ranking_strategies_keep_exact_bands(strategy, options, kept_ranks):
+    losses = torch.tensor([3.0, 9.0, 1.0, 7.0, 5.0, 2.0, 8.0, 4.0])
+    by_rank = torch.argsort(losses, descending=True)  # rank 0 = highest loss
+    weights = compute_weights(losses, strategy, **options)
+    expected = torch.zeros(8)
+    expected[by_rank[list(kept_ranks)]] = 1.0 / len(kept_ranks)
+    torch.testing.assert_close(weights, expected)
+
+
+def test_ranking_counts_floor_and_keep_at_least_one():
+    losses = torch.arange(10, dtype=torch.float64)  # b=10: floor(2.5) = 2 skipped, 2 kept
+    weights = compute_weights(losses, "midranking")
+    assert weights.nonzero().flatten().tolist() == [6, 7]
+    single = compute_weights(torch.tensor([1.0, 2.0, 3.0]), "highranking", keep_fraction=0.1)
+    assert single.tolist() == [0.0, 0.0, 1.0]
+
+
+def test_equal_losses_give_uniform_weights():
+    for strategy in ("linupper", "quadratic", "extremes", "capped", "irdro"):
+        weights = compute_weights(torch.full((6,), 2.5), strategy, r=0.1)
+        torch.testing.assert_close(weights, torch.full((6,), 1 / 6))
+
+
+def test_non_finite_losses_get_zero_weight_and_the_rest_renormalise():
+    losses = torch.tensor([1.0, math.nan, 3.0, math.inf, 2.0, -math.inf])
+    weights = compute_weights(losses, "linupper", r=0.5)
+    finite = torch.tensor([1.0, 3.0, 2.0])
+    torch.testing.assert_close(weights[[0, 2, 4]], compute_weights(finite, "linupper", r=0.5))
+    assert weights[[1, 3, 5]].tolist() == [0.0, 0.0, 0.0]
+    assert compute_weights(torch.tensor([math.nan, math.nan]), "linupper").tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: compute_weights(torch.ones(4), "linupper", r=0.0), "r must be a finite number > 0"),
+        (lambda: compute_weights(torch.ones(4), "linupper", r=-1.0), "r must be a finite number > 0"),
+        (lambda: compute_weights(torch.ones(4), "linupper", delta=0.0), "delta must be a finite number > 0"),
+        (lambda: compute_weights(torch.ones(4), "nope"), "unknown reweighting strategy 'nope'"),
+        (lambda: compute_weights(torch.ones(4), "midranking", skip_fraction=0.6, keep_fraction=0.5), r"n1 \+ n2"),
+        (lambda: compute_weights(torch.ones(4), "linupper", keep_fraction=0.5), "does not take options"),
+        (lambda: compute_weights(torch.ones(2, 2), "linupper"), "1-D tensor"),
+        (lambda: compute_weights(torch.ones(4, dtype=torch.long), "linupper"), "floating point"),
+        (lambda: compute_weights(torch.ones(4), "capped", cap=0.5), "cap >= 1"),
+    ],
+)
+def test_bad_input_is_a_clear_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_users_can_register_a_strategy():
+    @register_strategy("test-top1")
+    def top1(losses, *, r, delta):
+        weights = torch.zeros_like(losses)
+        weights[losses.argmax()] = 1.0
+        return weights
+
+    assert "test-top1" in available_strategies()
+    assert compute_weights(torch.tensor([1.0, 5.0, 2.0, math.nan]), "test-top1").tolist() == [0, 1, 0, 0]
+    with pytest.raises(ValueError, match="already registered"):
+        register_strategy("test-top1")(top1)

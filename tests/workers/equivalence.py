@@ -1,0 +1,224 @@
+"""One rank of the distributed-equivalence test (run under torchrun, gloo on CPU).
+
+--phase reference (1 process): builds the tiny Llama GPTModel, saves its weights and a
+global batch, and computes with plain autograd the papers' gradient
+    (1/M) sum_m sum_i w_{m,i} grad f_i,   f_i = masked mean token loss of sample i,
+with w_m = compute_weights over microbatch m's gathered batch (micro-batch x DP samples).
+
+--phase layout (TP x PP x CP x DP processes): loads the same weights into its shard,
+trains one step through megatron's schedules, DDP and finalize_model_grads with the
+reweighting loss_func, for each loss mode, and checks every rank's weights and
+gradient shards against the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_reweight.cpu import enable_megatron_core_on_cpu
+
+enable_megatron_core_on_cpu()
+
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
+from megatron.core.distributed import finalize_model_grads  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # noqa: E402
+from megatron.core.utils import get_batch_on_this_cp_rank  # noqa: E402
+
+from megatron_reweight import ReweightConfig, SampleReweighter, TemperatureSchedule, compute_weights  # noqa: E402
+from megatron_reweight.loss import check_megatron_config, per_sample_losses  # noqa: E402
+from megatron_reweight.model import LlamaShape, build_llama, llama_transformer_config  # noqa: E402
+
+SHAPE = LlamaShape(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                   num_query_groups=2, seq_length=16, vocab_size=128)  # fmt: skip
+MICRO_BATCH = 2
+# (calculate_per_token_loss, average_in_collective): every combination Megatron's DDP accepts.
+GRADIENT_TOLERANCE = 1e-5
+LOSS_MODES = [(False, False), (False, True), (True, False)]
+
+
+def parse_args():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--phase", choices=["reference", "layout"], required=True)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--data-parallel", type=int, default=2)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--cp", type=int, default=1)
+    parser.add_argument("--microbatches", type=int, default=2)
+    parser.add_argument("--strategy", default="linupper")
+    parser.add_argument("--r", type=float, default=0.5)
+    parser.add_argument("--sequence-parallel", action="store_true")
+    parser.add_argument("--negative-control", action="store_true")
+    return parser.parse_args()
+
+
+def microbatch_weights(losses: torch.Tensor, args) -> torch.Tensor:
+    """Reference weights, one row per microbatch (its gathered batch in DP-rank order)."""
+    rows = losses.view(args.microbatches, -1)
+    return torch.stack([compute_weights(row, args.strategy, r=args.r) for row in rows])
+
+
+def reference(args) -> None:
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(1234)
+    model = build_llama(SHAPE, llama_transformer_config(SHAPE), use_transformer_engine=False)
+
+    samples = args.microbatches * MICRO_BATCH * args.data_parallel
+    generator = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, SHAPE.vocab_size, (samples, SHAPE.seq_length + 1), generator=generator)
+    loss_mask = (torch.rand(samples, SHAPE.seq_length, generator=generator) < 0.8).float()
+    loss_mask[1] = 0.0  # an all-masked sample: weight 0, no contribution
+
+    per_token = model(tokens[:, :-1], torch.arange(SHAPE.seq_length).expand(samples, -1), None, labels=tokens[:, 1:])
+    counts = loss_mask.sum(dim=1)
+    valid = counts > 0
+    sample_loss = (per_token * loss_mask).sum(dim=1) / counts.clamp(min=1)
+    weights = microbatch_weights(torch.where(valid, sample_loss.detach(), torch.nan), args)
+    objective = (weights.flatten() * torch.where(valid, sample_loss, 0.0)).sum() / args.microbatches
+    objective.backward()
+
+    torch.save(
+        {
+            "weights_init": {name: p.detach().clone() for name, p in model.named_parameters()},
+            "grads": {name: p.grad.clone() for name, p in model.named_parameters()},
+            "tokens": tokens,
+            "loss_mask": loss_mask,
+            "sample_weights": weights,
+        },
+        args.workdir / "reference.pt",
+    )
+
+
+def global_name(local_name: str, layer_offset: int) -> str:
+    return re.sub(r"decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", local_name)
+
+
+def tensor_parallel_shard(name: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This TP rank's part of a full parameter (megatron's column/row-parallel layouts)."""
+    if name.endswith("linear_fc1.weight"):  # SwiGLU: gate and up halves are split separately
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]])
+    if name.endswith(("linear_qkv.weight", "word_embeddings.weight", "output_layer.weight")):
+        return full.chunk(size, dim=0)[rank]
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return full.chunk(size, dim=1)[rank]
+    return full  # norms are replicated
+
+
+def local_reference(tensors: dict, model, args) -> dict:
+    layer_offset = parallel_state.get_pipeline_model_parallel_rank() * (SHAPE.num_layers // args.pp)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    return {
+        name: tensor_parallel_shard(name, tensors[global_name(name, layer_offset)], tp_rank, args.tp)
+        for name, _ in model.named_parameters()
+    }
+
+
+def microbatches(reference_data: dict, args):
+    """Megatron's sampler order: microbatch m, DP rank d takes rows m*B + d*mbs + [0, mbs)."""
+    dp_rank = parallel_state.get_data_parallel_rank()
+    gathered = MICRO_BATCH * args.data_parallel
+    for m in range(args.microbatches):
+        start = m * gathered + dp_rank * MICRO_BATCH
+        tokens = reference_data["tokens"][start : start + MICRO_BATCH]
+        batch = {
+            "tokens": tokens[:, :-1].contiguous(),
+            "labels": tokens[:, 1:].contiguous(),
+            "loss_mask": reference_data["loss_mask"][start : start + MICRO_BATCH],
+            "position_ids": torch.arange(SHAPE.seq_length).expand(MICRO_BATCH, -1).contiguous(),
+        }
+        yield get_batch_on_this_cp_rank(batch)
+
+
+def check_negative_control(output_tensor, loss_mask, expected_local_weights) -> None:
+    """Gathering over every rank (TP duplicates included) must NOT reproduce the reference weights."""
+    losses = per_sample_losses(output_tensor, loss_mask, parallel_state.get_context_parallel_group()).losses
+    everywhere = torch.empty(dist.get_world_size() * losses.numel())
+    dist.all_gather_into_tensor(everywhere, losses)
+    wrong = compute_weights(everywhere, "linupper", r=0.5).view(dist.get_world_size(), -1)[dist.get_rank()]
+    assert not torch.allclose(wrong, expected_local_weights, atol=1e-4), "negative control: world gather matched"
+
+
+def layout(args) -> None:
+    parallel_state.initialize_model_parallel(args.tp, args.pp, context_parallel_size=args.cp)
+    model_parallel_cuda_manual_seed(1234)
+    assert parallel_state.get_data_parallel_world_size() == args.data_parallel
+    reference_data = torch.load(args.workdir / "reference.pt")
+    dp_rank = parallel_state.get_data_parallel_rank()
+    expected_weights = reference_data["sample_weights"]
+    expected_local = expected_weights.view(args.microbatches, args.data_parallel, MICRO_BATCH)[:, dp_rank]
+
+    for per_token_loss, average_in_collective in LOSS_MODES:
+        check_megatron_config(per_token_loss, average_in_collective)
+        config = llama_transformer_config(
+            SHAPE, sequence_parallel=args.sequence_parallel, calculate_per_token_loss=per_token_loss
+        )
+        model = build_llama(SHAPE, config, use_transformer_engine=False)
+        initial = local_reference(reference_data["weights_init"], model, args)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(initial[name])
+        ddp_model = DistributedDataParallel(
+            config, DistributedDataParallelConfig(average_in_collective=average_in_collective), model
+        )
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = ddp_model.no_sync
+
+        reweighter = SampleReweighter.from_parallel_state(ReweightConfig(args.strategy, TemperatureSchedule(r=args.r)))
+        recorded = []
+
+        def loss_func(loss_mask, output_tensor):
+            result = reweighter.loss_func(loss_mask, output_tensor)
+            recorded.append(reweighter.last_weights.clone())
+            if args.negative_control:
+                check_negative_control(output_tensor, loss_mask, expected_local[len(recorded) - 1])
+            return result
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+            return output, partial(loss_func, batch["loss_mask"])
+
+        ddp_model.zero_grad_buffer()
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=microbatches(reference_data, args),
+            model=[ddp_model],
+            num_microbatches=args.microbatches,
+            seq_length=SHAPE.seq_length,
+            micro_batch_size=MICRO_BATCH,
+        )
+
+        mode = f"per_token_loss={per_token_loss} average_in_collective={average_in_collective}"
+        if parallel_state.is_pipeline_last_stage():
+            torch.testing.assert_close(
+                torch.stack(recorded), expected_weights, rtol=1e-4, atol=1e-6, msg=lambda m: f"weights, {mode}: {m}"
+            )
+        expected_grads = local_reference(reference_data["grads"], model, args)
+        for name, param in model.named_parameters():
+            # Relative to the tensor's norm: fp32 sums in another order differ by ~1e-7 of it,
+            # a wrong scaling (x DP, x CP, x microbatches) by 0.5 or more.
+            error = (param.main_grad - expected_grads[name]).norm() / expected_grads[name].norm()
+            assert error < GRADIENT_TOLERANCE, f"grad {name}, {mode}: relative error {error:.2e}"
+    print(f"rank {dist.get_rank()}: weights and gradients match the reference")
+
+
+def main() -> None:
+    args = parse_args()
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    reference(args) if args.phase == "reference" else layout(args)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
