@@ -24,7 +24,10 @@ def torchrun(nproc: int, script: Path, *args: str, timeout: float = 600, env: di
         f"--nproc-per-node={nproc}", f"--master-port={free_port()}", "--master-addr=127.0.0.1",
         str(script), *args,
     ]  # fmt: skip
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    # Several ranks share one machine, so they run on CPU with gloo even where a GPU exists.
+    environment = {
+        **os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})
+    }  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=REPO)
     if result.returncode != 0:
         raise AssertionError(
