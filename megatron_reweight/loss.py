@@ -80,9 +80,7 @@ def per_sample_losses(
     masked = torch.where(mask, per_token_loss, torch.zeros_like(per_token_loss))
     finite = torch.isfinite(masked)
     local_sums = torch.where(finite, masked, torch.zeros_like(masked)).sum(dim=1)
-    pieces = torch.stack(
-        [local_sums.detach().float(), mask.sum(dim=1).float(), (~finite).any(dim=1).float()]
-    )
+    pieces = torch.stack([local_sums.detach().float(), mask.sum(dim=1).float(), (~finite).any(dim=1).float()])
     if context_parallel_group is not None and dist.get_world_size(context_parallel_group) > 1:
         dist.all_reduce(pieces, group=context_parallel_group)
     full_sums, token_counts, faulty = pieces
@@ -140,7 +138,7 @@ class SampleReweighter:
         self.last_weights: torch.Tensor | None = None
 
     @classmethod
-    def from_parallel_state(cls, config: ReweightConfig) -> "SampleReweighter":
+    def from_parallel_state(cls, config: ReweightConfig) -> SampleReweighter:
         from megatron.core import parallel_state
 
         return cls(

@@ -157,7 +157,9 @@ class ContextParallelCoreAttention(MegatronModule):
         chunks = (rank, 2 * cp_size - 1 - rank)
         return torch.cat([torch.arange(c * chunk_length, (c + 1) * chunk_length, device=device) for c in chunks])
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         # query [sq, b, np, hn]; key, value [sq, b, ng, hn] for this rank's two chunks.
         cp_size = torch.distributed.get_world_size(self.cp_group)
         chunk_length = query.shape[0] // 2

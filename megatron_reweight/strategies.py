@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 __all__ = [
-    "compute_weights",
-    "register_strategy",
-    "register_score_strategy",
     "available_strategies",
+    "compute_weights",
     "normalize_losses",
+    "register_score_strategy",
+    "register_strategy",
 ]
 
 
@@ -208,9 +209,7 @@ def _midranking(
     if not 0.0 <= skip_fraction < 1.0:
         raise ValueError(f"skip_fraction (n1) must be in [0, 1), got {skip_fraction}")
     if skip_fraction + keep_fraction > 1.0 + 1e-12:
-        raise ValueError(
-            f"skip_fraction + keep_fraction (n1 + n2) must be <= 1, got {skip_fraction} + {keep_fraction}"
-        )
+        raise ValueError(f"skip_fraction + keep_fraction (n1 + n2) must be <= 1, got {skip_fraction} + {keep_fraction}")
     count = losses.numel()
     keep = _fraction_count(keep_fraction, count, "keep_fraction (n2)")
     skip = min(math.floor(skip_fraction * count + 1e-9), count - keep)

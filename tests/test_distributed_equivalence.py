@@ -11,7 +11,6 @@ See tests/workers/equivalence.py.
 from pathlib import Path
 
 import pytest
-
 from distributed import torchrun
 
 WORKER = Path(__file__).parent / "workers" / "equivalence.py"

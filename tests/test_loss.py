@@ -159,8 +159,18 @@ def test_shape_mismatch_is_a_clear_error():
 def test_command_line_flags_build_the_config():
     parser = add_reweight_args(argparse.ArgumentParser())
     args = parser.parse_args(
-        "--reweight-strategy midranking --reweight-r 0.4 --reweight-r-warmup-steps 500 "
-        "--reweight-skip-fraction 0.1 --reweight-keep-fraction 0.5".split()
+        [
+            "--reweight-strategy",
+            "midranking",
+            "--reweight-r",
+            "0.4",
+            "--reweight-r-warmup-steps",
+            "500",
+            "--reweight-skip-fraction",
+            "0.1",
+            "--reweight-keep-fraction",
+            "0.5",
+        ]
     )
     config = reweight_config_from_args(args)
     assert config.strategy == "midranking"

@@ -108,9 +108,9 @@ def test_capped_with_small_r_binds_the_cap():
     [
         ("midranking", {}, range(2, 4)),  # b=8, n1=n2=0.25: skip top 2, keep the next 2
         ("midranking", {"skip_fraction": 0.5, "keep_fraction": 0.5}, range(4, 8)),
-        ("highranking", {}, range(0, 2)),
+        ("highranking", {}, range(2)),
         ("lowranking", {}, range(6, 8)),
-        ("midranking", {"skip_fraction": 0.0, "keep_fraction": 1.0}, range(0, 8)),  # = uniform
+        ("midranking", {"skip_fraction": 0.0, "keep_fraction": 1.0}, range(8)),  # = uniform
     ],
 )
 def test_ranking_strategies_keep_exact_bands(strategy, options, kept_ranks):

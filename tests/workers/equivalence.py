@@ -14,6 +14,7 @@ gradient shards against the reference.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from functools import partial
 from pathlib import Path
@@ -25,20 +26,25 @@ from megatron_reweight.cpu import enable_megatron_core_on_cpu
 
 enable_megatron_core_on_cpu()
 
-from megatron.core import parallel_state  # noqa: E402
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
-from megatron.core.distributed import finalize_model_grads  # noqa: E402
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # noqa: E402
-from megatron.core.utils import get_batch_on_this_cp_rank  # noqa: E402
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron.core.utils import get_batch_on_this_cp_rank
 
-from megatron_reweight import ReweightConfig, SampleReweighter, TemperatureSchedule, compute_weights  # noqa: E402
-from megatron_reweight.loss import check_megatron_config, per_sample_losses  # noqa: E402
-from megatron_reweight.model import LlamaShape, build_llama, llama_transformer_config  # noqa: E402
+from megatron_reweight import ReweightConfig, SampleReweighter, TemperatureSchedule, compute_weights
+from megatron_reweight.loss import check_megatron_config, per_sample_losses
+from megatron_reweight.model import LlamaShape, build_llama, llama_transformer_config, transformer_engine_available
 
 SHAPE = LlamaShape(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                    num_query_groups=2, seq_length=16, vocab_size=128)  # fmt: skip
 MICRO_BATCH = 2
+# One process on a GPU checks the CUDA path (Transformer Engine's layers when installed).
+USE_TE = torch.cuda.is_available() and transformer_engine_available()
 # (calculate_per_token_loss, average_in_collective): every combination Megatron's DDP accepts.
 GRADIENT_TOLERANCE = 1e-5
 LOSS_MODES = [(False, False), (False, True), (True, False)]
@@ -55,7 +61,6 @@ def parse_args():
     parser.add_argument("--microbatches", type=int, default=2)
     parser.add_argument("--strategy", default="linupper")
     parser.add_argument("--r", type=float, default=0.5)
-    parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--negative-control", action="store_true")
     return parser.parse_args()
 
@@ -69,7 +74,7 @@ def microbatch_weights(losses: torch.Tensor, args) -> torch.Tensor:
 def reference(args) -> None:
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(1234)
-    model = build_llama(SHAPE, llama_transformer_config(SHAPE), use_transformer_engine=False)
+    model = build_llama(SHAPE, llama_transformer_config(SHAPE), use_transformer_engine=USE_TE)
 
     samples = args.microbatches * MICRO_BATCH * args.data_parallel
     generator = torch.Generator().manual_seed(7)
@@ -77,7 +82,9 @@ def reference(args) -> None:
     loss_mask = (torch.rand(samples, SHAPE.seq_length, generator=generator) < 0.8).float()
     loss_mask[1] = 0.0  # an all-masked sample: weight 0, no contribution
 
-    per_token = model(tokens[:, :-1], torch.arange(SHAPE.seq_length).expand(samples, -1), None, labels=tokens[:, 1:])
+    tokens, loss_mask = tokens.cuda(), loss_mask.cuda()  # no-ops on CPU
+    positions = torch.arange(SHAPE.seq_length).expand(samples, -1).cuda()
+    per_token = model(tokens[:, :-1], positions, None, labels=tokens[:, 1:])
     counts = loss_mask.sum(dim=1)
     valid = counts > 0
     sample_loss = (per_token * loss_mask).sum(dim=1) / counts.clamp(min=1)
@@ -98,7 +105,9 @@ def reference(args) -> None:
 
 
 def global_name(local_name: str, layer_offset: int) -> str:
-    return re.sub(r"decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", local_name)
+    return re.sub(
+        r"decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", local_name
+    )
 
 
 def tensor_parallel_shard(name: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
@@ -133,7 +142,7 @@ def microbatches(reference_data: dict, args):
             "tokens": tokens[:, :-1].contiguous(),
             "labels": tokens[:, 1:].contiguous(),
             "loss_mask": reference_data["loss_mask"][start : start + MICRO_BATCH],
-            "position_ids": torch.arange(SHAPE.seq_length).expand(MICRO_BATCH, -1).contiguous(),
+            "position_ids": torch.arange(SHAPE.seq_length, device=tokens.device).expand(MICRO_BATCH, -1).contiguous(),
         }
         yield get_batch_on_this_cp_rank(batch)
 
@@ -141,80 +150,87 @@ def microbatches(reference_data: dict, args):
 def check_negative_control(output_tensor, loss_mask, expected_local_weights) -> None:
     """Gathering over every rank (TP duplicates included) must NOT reproduce the reference weights."""
     losses = per_sample_losses(output_tensor, loss_mask, parallel_state.get_context_parallel_group()).losses
-    everywhere = torch.empty(dist.get_world_size() * losses.numel())
+    everywhere = losses.new_empty(dist.get_world_size() * losses.numel())
     dist.all_gather_into_tensor(everywhere, losses)
     wrong = compute_weights(everywhere, "linupper", r=0.5).view(dist.get_world_size(), -1)[dist.get_rank()]
     assert not torch.allclose(wrong, expected_local_weights, atol=1e-4), "negative control: world gather matched"
+
+
+def check_loss_mode(args, reference_data: dict, per_token_loss: bool, average_in_collective: bool) -> None:
+    """One training step in this loss mode; assert weights and gradient shards equal the reference."""
+    mode = f"per_token_loss={per_token_loss} average_in_collective={average_in_collective}"
+    check_megatron_config(per_token_loss, average_in_collective)
+    config = llama_transformer_config(SHAPE, calculate_per_token_loss=per_token_loss)
+    model = build_llama(SHAPE, config, use_transformer_engine=USE_TE)
+    initial = local_reference(reference_data["weights_init"], model, args)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(initial[name])
+    ddp_model = DistributedDataParallel(
+        config, DistributedDataParallelConfig(average_in_collective=average_in_collective), model
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp_model.no_sync
+
+    expected_weights = reference_data["sample_weights"]
+    dp_rank = parallel_state.get_data_parallel_rank()
+    expected_local = expected_weights.view(args.microbatches, args.data_parallel, MICRO_BATCH)[:, dp_rank]
+    reweighter = SampleReweighter.from_parallel_state(ReweightConfig(args.strategy, TemperatureSchedule(r=args.r)))
+    recorded = []
+
+    def loss_func(loss_mask, output_tensor):
+        result = reweighter.loss_func(loss_mask, output_tensor)
+        recorded.append(reweighter.last_weights.clone())
+        if args.negative_control:
+            check_negative_control(output_tensor, loss_mask, expected_local[len(recorded) - 1])
+        return result
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(loss_func, batch["loss_mask"])
+
+    ddp_model.zero_grad_buffer()
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=microbatches(reference_data, args),
+        model=[ddp_model],
+        num_microbatches=args.microbatches,
+        seq_length=SHAPE.seq_length,
+        micro_batch_size=MICRO_BATCH,
+    )
+
+    if parallel_state.is_pipeline_last_stage():
+        torch.testing.assert_close(
+            torch.stack(recorded), expected_weights, rtol=1e-4, atol=1e-6, msg=lambda m: f"weights, {mode}: {m}"
+        )
+    expected_grads = local_reference(reference_data["grads"], model, args)
+    for name, param in model.named_parameters():
+        # Relative to the tensor's norm: fp32 sums in another order differ by ~1e-7 of it,
+        # a wrong scaling (x DP, x CP, x microbatches) by 0.5 or more.
+        error = (param.main_grad - expected_grads[name]).norm() / expected_grads[name].norm()
+        assert error < GRADIENT_TOLERANCE, f"grad {name}, {mode}: relative error {error:.2e}"
 
 
 def layout(args) -> None:
     parallel_state.initialize_model_parallel(args.tp, args.pp, context_parallel_size=args.cp)
     model_parallel_cuda_manual_seed(1234)
     assert parallel_state.get_data_parallel_world_size() == args.data_parallel
-    reference_data = torch.load(args.workdir / "reference.pt")
-    dp_rank = parallel_state.get_data_parallel_rank()
-    expected_weights = reference_data["sample_weights"]
-    expected_local = expected_weights.view(args.microbatches, args.data_parallel, MICRO_BATCH)[:, dp_rank]
-
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reference_data = torch.load(args.workdir / "reference.pt", map_location=device)
     for per_token_loss, average_in_collective in LOSS_MODES:
-        check_megatron_config(per_token_loss, average_in_collective)
-        config = llama_transformer_config(
-            SHAPE, sequence_parallel=args.sequence_parallel, calculate_per_token_loss=per_token_loss
-        )
-        model = build_llama(SHAPE, config, use_transformer_engine=False)
-        initial = local_reference(reference_data["weights_init"], model, args)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.copy_(initial[name])
-        ddp_model = DistributedDataParallel(
-            config, DistributedDataParallelConfig(average_in_collective=average_in_collective), model
-        )
-        config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = ddp_model.no_sync
-
-        reweighter = SampleReweighter.from_parallel_state(ReweightConfig(args.strategy, TemperatureSchedule(r=args.r)))
-        recorded = []
-
-        def loss_func(loss_mask, output_tensor):
-            result = reweighter.loss_func(loss_mask, output_tensor)
-            recorded.append(reweighter.last_weights.clone())
-            if args.negative_control:
-                check_negative_control(output_tensor, loss_mask, expected_local[len(recorded) - 1])
-            return result
-
-        def forward_step(data_iterator, model):
-            batch = next(data_iterator)
-            output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-            return output, partial(loss_func, batch["loss_mask"])
-
-        ddp_model.zero_grad_buffer()
-        get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=microbatches(reference_data, args),
-            model=[ddp_model],
-            num_microbatches=args.microbatches,
-            seq_length=SHAPE.seq_length,
-            micro_batch_size=MICRO_BATCH,
-        )
-
-        mode = f"per_token_loss={per_token_loss} average_in_collective={average_in_collective}"
-        if parallel_state.is_pipeline_last_stage():
-            torch.testing.assert_close(
-                torch.stack(recorded), expected_weights, rtol=1e-4, atol=1e-6, msg=lambda m: f"weights, {mode}: {m}"
-            )
-        expected_grads = local_reference(reference_data["grads"], model, args)
-        for name, param in model.named_parameters():
-            # Relative to the tensor's norm: fp32 sums in another order differ by ~1e-7 of it,
-            # a wrong scaling (x DP, x CP, x microbatches) by 0.5 or more.
-            error = (param.main_grad - expected_grads[name]).norm() / expected_grads[name].norm()
-            assert error < GRADIENT_TOLERANCE, f"grad {name}, {mode}: relative error {error:.2e}"
+        check_loss_mode(args, reference_data, per_token_loss, average_in_collective)
     print(f"rank {dist.get_rank()}: weights and gradients match the reference")
 
 
 def main() -> None:
     args = parse_args()
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+        torch.set_num_threads(1)
     reference(args) if args.phase == "reference" else layout(args)
     dist.barrier()
     dist.destroy_process_group()

@@ -14,10 +14,10 @@ from megatron_reweight.cpu import enable_megatron_core_on_cpu
 
 enable_megatron_core_on_cpu()
 
-from megatron.core import parallel_state  # noqa: E402
+from megatron.core import parallel_state
 
-from megatron_reweight import compute_weights  # noqa: E402
-from megatron_reweight.megatron_lm import add_reweight_args, loss_func  # noqa: E402
+from megatron_reweight import compute_weights
+from megatron_reweight.megatron_lm import add_reweight_args, loss_func
 
 parser = add_reweight_args(argparse.ArgumentParser())
 ARGS = parser.parse_args(["--reweight-strategy", "linupper", "--reweight-r", "0.5", "--reweight-r-warmup-steps", "3"])
