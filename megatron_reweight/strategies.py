@@ -17,6 +17,7 @@ weighted among themselves; if no loss is finite every weight is 0.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -71,6 +72,11 @@ def register_score_strategy(name: str) -> Callable[[Callable[[torch.Tensor, floa
     return decorator
 
 
+@functools.cache
+def _signature(fn: WeightStrategy) -> inspect.Signature:
+    return inspect.signature(fn)  # cached: compute_weights runs every microbatch
+
+
 def available_strategies() -> list[str]:
     return sorted(_STRATEGIES)
 
@@ -118,7 +124,7 @@ def compute_weights(
 
     strategy_fn = _STRATEGIES[key]
     try:
-        inspect.signature(strategy_fn).bind(losses, r=r, delta=delta, **strategy_kwargs)
+        _signature(strategy_fn).bind(losses, r=r, delta=delta, **strategy_kwargs)
     except TypeError as error:
         raise ValueError(f"strategy {strategy!r} does not take options {sorted(strategy_kwargs)}: {error}") from None
 
