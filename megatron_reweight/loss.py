@@ -100,26 +100,28 @@ def gather_losses(losses: torch.Tensor, data_parallel_group=None) -> torch.Tenso
     return gathered
 
 
-def weight_statistics(losses: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
-    """Diagnostics of one gathered batch; invalid (NaN) samples are left out."""
+def weight_statistics(losses: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Diagnostics of one gathered batch as Megatron report pairs [value, count].
+
+    Invalid (NaN) samples are left out; a batch without valid samples reports count 0,
+    which the reduction skips. Pure tensor ops: no host-device synchronisation."""
     valid = torch.isfinite(losses)
-    count = int(valid.sum())
-    stats = {"reweight skipped samples": float(losses.numel() - count)}
-    if count == 0:
-        return stats
-    w, f = weights[valid].double(), losses[valid].double()
-    stats.update(
-        {
-            "weighted loss": float((w * f).sum()),
-            "max weight x batch": float(w.max() * count),  # Theorem 1 asks for <= 2
-            "min weight x batch": float(w.min() * count),
-            "effective sample fraction": float(1.0 / (w.square().sum() * count)),
-            "sample loss min": float(f.min()),
-            "sample loss mean": float(f.mean()),
-            "sample loss max": float(f.max()),
-        }
-    )
-    return stats
+    count = valid.sum().double()
+    has_valid = (count > 0).double()
+    w = torch.where(valid, weights.double(), 0.0)
+    f = torch.where(valid, losses.double(), 0.0)
+    values = {
+        "weighted loss": (w * f).sum(),
+        "max weight x batch": w.max() * count,  # Theorem 1 asks for <= 2
+        "min weight x batch": torch.where(valid, w, torch.inf).min() * count,
+        "effective sample fraction": 1.0 / (w.square().sum() * count),
+        "sample loss min": torch.where(valid, f, torch.inf).min(),
+        "sample loss mean": f.sum() / count,
+        "sample loss max": torch.where(valid, f, -torch.inf).max(),
+    }
+    pairs = {name: torch.stack([torch.nan_to_num(value) * has_valid, has_valid]) for name, value in values.items()}
+    pairs["reweight skipped samples"] = torch.stack([losses.numel() - count, torch.ones_like(count)])
+    return {name: pair.float() for name, pair in pairs.items()}
 
 
 class SampleReweighter:
@@ -171,9 +173,8 @@ class SampleReweighter:
 
         # Unweighted, as Megatron reports it, so runs with and without reweighting compare.
         report = {"lm loss": torch.stack([pieces.local_sums.detach().sum().float(), loss_mask.sum().float()])}
-        for name, value in weight_statistics(gathered, weights).items():
-            # [value, 1]: Megatron sums such pairs over microbatches and DP x CP ranks, then divides.
-            report[name] = torch.tensor([value, 1.0], device=loss.device)
+        # [value, count] pairs: Megatron sums them over microbatches and DP x CP ranks, then divides.
+        report.update(weight_statistics(gathered, weights))
         return loss, num_tokens, report
 
 
@@ -186,4 +187,4 @@ def reduce_reports(reports: list[dict[str, torch.Tensor]], group=None) -> dict[s
     totals = torch.stack([sum(r[k] for r in reports if k in r) for k in keys])
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(totals, group=group)
-    return {k: float(total[0] / total[1]) for k, total in zip(keys, totals) if total[1] > 0}
+    return {key: float(total[0] / total[1]) for key, total in zip(keys, totals) if total[1] > 0}

@@ -87,9 +87,10 @@ def normalize_losses(losses: torch.Tensor, delta: float = 1.0) -> torch.Tensor:
     A batch whose losses are all equal maps to 0, i.e. uniform weights."""
     low, high = losses.min(), losses.max()
     spread = high - low
-    if spread <= torch.finfo(losses.dtype).eps * max(1.0, high.abs().item()):
-        return torch.zeros_like(losses)
-    return delta * (2.0 * (losses - low) / spread - 1.0)
+    # Branch-free (no host sync on GPU): a spread within rounding of zero maps to 0.
+    flat = spread <= torch.finfo(losses.dtype).eps * high.abs().clamp(min=1.0)
+    normalised = delta * (2.0 * (losses - low) / torch.where(flat, 1.0, spread) - 1.0)
+    return torch.where(flat, torch.zeros_like(losses), normalised)
 
 
 def compute_weights(

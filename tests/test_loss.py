@@ -106,7 +106,8 @@ def test_all_masked_or_all_faulty_batch_gives_zero_finite_gradient():
     loss, _, report = reweighter().loss_func(torch.zeros(6, 10), per_token)
     loss.backward()
     assert float(loss.detach()) == 0.0 and torch.equal(weight.grad, torch.zeros_like(weight.grad))
-    assert report["reweight skipped samples"][0] == 6 and "weighted loss" not in report
+    assert report["reweight skipped samples"][0] == 6 and report["weighted loss"][1] == 0
+    assert "weighted loss" not in reduce_reports([report])
 
 
 def test_report_keeps_unweighted_lm_loss_and_weight_statistics():
