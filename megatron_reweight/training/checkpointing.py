@@ -1,0 +1,327 @@
+"""Checkpoints with megatron-core's dist_checkpointing (torch_dist format), in Megatron-LM's
+layout:
+
+    SAVE/latest_checkpointed_iteration.txt     "100"
+    SAVE/iter_0000100/                         the dist_checkpointing directory
+
+A checkpoint holds the model's and the optimizer's sharded state dicts (so it can be
+resharded to another TP/PP/DP layout), the LR scheduler, the iteration and the consumed
+samples (the data position), the RNG states, the run's configuration and the
+reweighting configuration.
+
+Crash safety: every rank writes into SAVE/iter_0000100.incomplete/; only after all ranks
+are done (barrier) does rank 0 rename it to iter_0000100/ and then replace the tracker
+file atomically (write + fsync + rename). A crash at any point leaves the tracker naming
+the previous complete checkpoint. Loading a missing or empty directory starts afresh.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.utils import unwrap_model
+
+from megatron_reweight.training.errors import ConfigError
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0
+_INCOMPLETE_SUFFIX = ".incomplete"
+
+
+@dataclass
+class TrainState:
+    """What the loop needs besides the model and optimizer to continue a run exactly."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def checkpoint_name(root: Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def read_tracker(root: Path | None) -> int | None:
+    """The latest complete iteration under `root`, or None (no directory, no tracker)."""
+    if root is None:
+        return None
+    tracker = Path(root) / TRACKER_FILENAME
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    try:
+        iteration = int(text)
+    except ValueError:
+        raise ConfigError(f"--load {root}: {TRACKER_FILENAME} holds {text!r}, not an iteration") from None
+    if not checkpoint_name(root, iteration).is_dir():
+        raise ConfigError(
+            f"--load {root}: {TRACKER_FILENAME} names iteration {iteration} but {checkpoint_name(root, iteration)} is missing"
+        )
+    return iteration
+
+
+def _tracked_iteration(root: Path) -> int | None:
+    tracker = Path(root) / TRACKER_FILENAME
+    try:
+        return int(tracker.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _rng_state() -> ShardedObject:
+    """Python, NumPy, torch and megatron's model-parallel RNG states, one per (PP, TP) rank
+    and replicated over DP x CP (Megatron-LM's torch_dist layout)."""
+    state = {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": numpy.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    return ShardedObject(
+        "rng_state",
+        [state],
+        (
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+        ),
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _restore_rng_state(states: list[dict]) -> None:
+    state = states[0]
+    random.setstate(state["random_rng_state"])
+    numpy.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if torch.cuda.is_available() and state["cuda_rng_state"] is not None:
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def _optimizer_metadata(fully_reshardable: bool, use_distributed_optimizer: bool) -> dict:
+    """Megatron-LM's sharded-state-dict metadata: the distributed optimizer's state is saved
+    DP-reshardable by default (fast, no gathering), fully reshardable on request."""
+    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if use_distributed_optimizer:
+        metadata["distrib_optim_sharding_type"] = "fully_reshardable" if fully_reshardable else "dp_reshardable"
+    return metadata
+
+
+def _materialize_torch_adam_state(optimizer) -> None:
+    """Give a fresh distributed optimizer's torch Adam its (zero) state before loading.
+
+    megatron-core 0.16.1's DistributedOptimizer.state_dict() reads each parameter's Adam
+    `step` when it falls back to torch.optim.Adam (no Transformer Engine / Apex, e.g. on
+    CPU) and asserts there is one, so a freshly built optimizer cannot produce the state
+    dict that loading needs. Zero state, as Adam itself would create it, is overwritten
+    by the load. A no-op with TE/Apex optimizers or an optimizer that has stepped."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub, distrib_optimizer.DistributedOptimizer):
+            continue
+        inner = sub.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    }
+
+
+def _saved_adam_step(optimizer_state) -> float | None:
+    """The Adam step count stored in a loaded optimizer state dict (its param_groups)."""
+    if isinstance(optimizer_state, dict):
+        for group in (
+            optimizer_state.get("param_groups", []) if isinstance(optimizer_state.get("param_groups"), list) else []
+        ):
+            if isinstance(group, dict) and group.get("step") is not None:
+                return float(group["step"])
+        for value in optimizer_state.values():
+            step = _saved_adam_step(value)
+            if step is not None:
+                return step
+    return None
+
+
+def _restore_torch_adam_steps(optimizer, optimizer_state) -> None:
+    """After loading: megatron-core 0.16.1's DistributedOptimizer.load_state_dict leaves the
+    torch Adam fallback with one `step` tensor shared by every parameter (and, for a
+    freshly built optimizer, the placeholder value), which Adam then increments in place
+    once per parameter per step, corrupting the bias correction. Give every parameter its
+    own copy of the saved step. A no-op with TE/Apex optimizers."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    step = _saved_adam_step(optimizer_state)
+    if step is None:
+        return
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(sub, distrib_optimizer.DistributedOptimizer):
+            for param_state in sub.optimizer.state.values():
+                if "step" in param_state:
+                    param_state["step"] = torch.tensor(step, dtype=torch.float32)
+
+
+def _sharded_state_dict(mo, state: TrainState, extra: dict, metadata: dict, is_loading: bool) -> dict:
+    model_state = unwrap_model(mo.model[0]).sharded_state_dict(metadata=metadata)
+    return {
+        "model": model_state,
+        "optimizer": mo.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata),
+        "opt_param_scheduler": mo.scheduler.state_dict(),
+        "rng_state": _rng_state(),
+        "iteration": state.iteration,
+        "consumed_samples": state.consumed_samples,
+        "checkpoint_version": CHECKPOINT_VERSION,
+        **extra,
+    }
+
+
+def save_checkpoint(root: Path, state: TrainState, mo, config, reweight_config: dict) -> Path:
+    """Collective: every rank must call it. Returns the checkpoint directory."""
+    root = Path(root)
+    final = checkpoint_name(root, state.iteration)
+    partial = final.with_name(final.name + _INCOMPLETE_SUFFIX)
+    rank = dist.get_rank()
+    if _tracked_iteration(root) == state.iteration:
+        return final  # this exact state is already saved and tracked (e.g. stopped right after a resume)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if partial.exists():
+            shutil.rmtree(partial)  # left by a crash during an earlier save
+        partial.mkdir()
+    dist.barrier()
+
+    metadata = _optimizer_metadata(
+        config.checkpoint.fully_reshardable_optimizer, config.parallel.use_distributed_optimizer
+    )
+    extra = {"train_config": config.to_dict(), "reweight_config": reweight_config}
+    sharded = _sharded_state_dict(mo, state, extra, metadata, is_loading=False)
+    dist_checkpointing.save(sharded, str(partial), sharded_strategy=("torch_dist", 1), content_metadata=metadata)
+    dist.barrier()
+
+    if rank == 0:
+        if final.exists():
+            # Left by a crash between the rename and the tracker update: the tracker still
+            # names an older iteration, so it never points at a missing directory here.
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(root)
+        _write_atomically(root / TRACKER_FILENAME, str(state.iteration))
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(root: Path | None, mo, config) -> tuple[TrainState, dict] | None:
+    """Load the tracker's latest checkpoint into model, optimizer, scheduler and RNGs.
+
+    Returns (state, common part of the checkpoint), or None when there is nothing to load."""
+    iteration = read_tracker(root)
+    # All ranks must agree (Megatron-LM takes the maximum); -1 = nothing to load.
+    found = torch.tensor([-1 if iteration is None else iteration], dtype=torch.long, device=_device())
+    dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    if int(found) < 0:
+        return None
+    iteration = int(found)
+    directory = checkpoint_name(root, iteration)
+
+    common = dist_checkpointing.load_common_state_dict(str(directory))
+    _check_same_model(root, common.get("train_config", {}).get("model", {}), config)
+    metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or _optimizer_metadata(
+        False, config.parallel.use_distributed_optimizer
+    )
+    saved_optimizer = "distrib_optim_sharding_type" in metadata
+    if saved_optimizer != config.parallel.use_distributed_optimizer:
+        # The two optimizers' checkpoints differ in structure; Megatron-LM needs a conversion too.
+        raise ConfigError(
+            f"--load {root}: checkpoint saved {'with' if saved_optimizer else 'without'} "
+            f"--use-distributed-optimizer; run with the same setting to resume it"
+        )
+    state = TrainState(iteration=common["iteration"], consumed_samples=common["consumed_samples"])
+    _materialize_torch_adam_state(mo.optimizer)
+    sharded = _sharded_state_dict(mo, state, {}, metadata, is_loading=True)
+    loaded = dist_checkpointing.load(sharded, str(directory), sharded_strategy=("torch_dist", 1))
+
+    with torch.no_grad():  # the fp32 distributed optimizer copies into views of the parameters
+        unwrap_model(mo.model[0]).load_state_dict(loaded["model"], strict=True)
+        mo.optimizer.load_state_dict(loaded["optimizer"])
+    _restore_torch_adam_steps(mo.optimizer, loaded["optimizer"])
+    mo.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    _restore_rng_state(loaded["rng_state"])
+    dist.barrier()
+    return state, common
+
+
+_MODEL_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+
+
+def _check_same_model(root, saved: dict, config) -> None:
+    """A one-line error instead of dist_checkpointing's shape mismatch deep in the load."""
+    for name in _MODEL_FIELDS:
+        if name in saved and saved[name] != getattr(config.model, name):
+            raise ConfigError(
+                f"--load {root}: the checkpoint's model has {name} {saved[name]}, this run "
+                f"{getattr(config.model, name)} (--{name.replace('_', '-')})"
+            )
+
+
+def data_changes(common: dict, config) -> list[str]:
+    """Settings that differ from the checkpoint's run and shape the sample order (the
+    datasets' sizes set their epochs and shuffles): the resumed run may then read other
+    samples than an uninterrupted one would."""
+    saved_data = common.get("train_config", {}).get("data", {})
+    saved_optim = common.get("train_config", {}).get("optim", {})
+    saved_model = common.get("train_config", {}).get("model", {})
+    now = config.to_dict()
+    changes = []
+    for section, saved, keys in (
+        ("data", saved_data, ("data_prefixes", "data_weights", "split", "mock_data")),
+        ("optim", saved_optim, ("seed", "train_iters", "global_batch_size")),
+        ("model", saved_model, ("seq_length",)),
+    ):
+        for key in keys:
+            if key in saved and saved[key] != now[section][key]:
+                changes.append(f"{key}: {saved[key]} -> {now[section][key]}")
+    return changes
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

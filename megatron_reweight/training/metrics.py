@@ -1,0 +1,124 @@
+"""Training and evaluation logs: a console line, TensorBoard scalars, optional Weights &
+Biases, and a JSON-lines file (one record per log step and per evaluation).
+
+Only the logging rank (the last rank, which holds the loss, as in Megatron-LM) writes.
+JSON-lines records:
+    {"kind": "train", "iteration": 10, "consumed_samples": ..., "lm loss": ..., "weighted loss": ...,
+     "lr": ..., "r": ..., "max weight x batch": ..., "min weight x batch": ...,
+     "effective sample fraction": ..., "grad norm": ..., "step time s": ..., "tokens per s": ..., ...}
+    {"kind": "eval", "iteration": 50, "domains": {"arxiv": {"loss": ..., "ppl": ...}, ...},
+     "loss": ..., "ppl": ...}
+    {"kind": "run", ...}   once at the start: configuration, parameter count, world layout
+A resumed run appends; a reader should keep the last record per (kind, iteration).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+# Console columns, in order: (report key, label, format).
+_CONSOLE = (
+    ("lm loss", "lm loss", "{:.4f}"),
+    ("weighted loss", "weighted loss", "{:.4f}"),
+    ("lr", "lr", "{:.3e}"),
+    ("r", "r", "{:g}"),
+    ("max weight x batch", "max w*b", "{:.3f}"),
+    ("min weight x batch", "min w*b", "{:.3f}"),
+    ("effective sample fraction", "ESS frac", "{:.3f}"),
+    ("grad norm", "grad norm", "{:.3f}"),
+    ("tokens per s", "tokens/s", "{:.0f}"),
+    ("step time s", "step", "{:.3f}s"),
+)
+
+
+class MetricsLogger:
+    def __init__(self, enabled: bool, logging_config, run_name: str, config_dict: dict):
+        self.enabled = enabled
+        self.tensorboard = None
+        self.wandb = None
+        self.jsonl = None
+        if not enabled:
+            return
+        if logging_config.tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(logging_config.tensorboard_dir), max_queue=100)
+        if logging_config.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                print("warning: --wandb-project given but wandb is not installed; skipping it", flush=True)
+            else:
+                self.wandb = wandb.init(
+                    project=logging_config.wandb_project, name=logging_config.wandb_exp_name or run_name,
+                    config=config_dict, resume="allow",
+                )  # fmt: skip
+        if logging_config.metrics_file is not None:
+            path = Path(logging_config.metrics_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(path, "a", buffering=1)  # noqa: SIM115 - open for the whole run, closed in close()
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def record(self, record: dict) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    def log_train(self, iteration: int, train_iters: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        parts = [f"iteration {iteration:>7d}/{train_iters}", f"samples {values['consumed_samples']}"]
+        for key, label, fmt in _CONSOLE:
+            if key in values and values[key] is not None and math.isfinite(values[key]):
+                parts.append(f"{label} {fmt.format(values[key])}")
+        if values.get("skipped iterations"):
+            parts.append(f"skipped {values['skipped iterations']}")
+        print(" | ".join(parts), flush=True)
+        self._scalars("train/", iteration, values)
+        self.record({"kind": "train", "iteration": iteration, **values})
+
+    def log_eval(self, iteration: int, per_domain: dict[str, dict[str, float]]) -> None:
+        if not self.enabled or not per_domain:
+            return
+        total = sum(d["tokens"] for d in per_domain.values())
+        mean_loss = sum(d["loss"] * d["tokens"] for d in per_domain.values()) / max(total, 1)
+        text = ", ".join(f"{name} {d['loss']:.4f} (ppl {d['ppl']:.2f})" for name, d in per_domain.items())
+        print(
+            f"validation at iteration {iteration}: {text} | all {mean_loss:.4f} (ppl {_ppl(mean_loss):.2f})", flush=True
+        )
+        scalars = {}
+        for name, d in per_domain.items():
+            scalars[f"{name}/loss"] = d["loss"]
+            scalars[f"{name}/ppl"] = d["ppl"]
+        scalars["all/loss"] = mean_loss
+        scalars["all/ppl"] = _ppl(mean_loss)
+        self._scalars("valid/", iteration, scalars)
+        self.record(
+            {"kind": "eval", "iteration": iteration, "domains": per_domain, "loss": mean_loss, "ppl": _ppl(mean_loss)}
+        )
+
+    def _scalars(self, prefix: str, iteration: int, values: dict) -> None:
+        numeric = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tensorboard is not None:
+            for key, value in numeric.items():
+                self.tensorboard.add_scalar(prefix + key, value, iteration)
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log({prefix + k: v for k, v in numeric.items()}, step=iteration)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf

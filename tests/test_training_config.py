@@ -1,0 +1,182 @@
+"""pretrain_llama.py's configuration in one process: presets, flags, Megatron's blend syntax,
+the resumable sampler, and the start-up checks of bad input."""
+
+from pathlib import Path
+
+import pytest
+from _launch import SMALL_MODEL, data_args, make_corpus
+
+from megatron_reweight.training import PRESETS, ConfigError, build_parser, config_from_args
+from megatron_reweight.training.data import PretrainingSampler, domain_names, padded_vocab_size, parse_blend
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def config(argv, world_size=1):
+    return config_from_args(build_parser().parse_args(argv), world_size=world_size)
+
+
+def error(argv, world_size=1) -> str:
+    with pytest.raises(ConfigError) as info:
+        config(argv, world_size)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# --------------------------------------------------------------------------- presets
+def test_presets_follow_the_paper_tables():
+    # Table 6 (GPT-2 widths 768: the table's 786 is a typo) and Table 7.
+    expected = {
+        # name: (layers, hidden, heads, seq, global batch, lr, min lr, warm-up, r, steps)
+        "gpt2-mini": (12, 768, 12, 512, 32, 5e-4, 1e-4, 500, 0.4, 20_000),
+        "gpt2-small": (24, 768, 16, 512, 48, 5e-4, 1e-4, 500, 0.4, 20_000),
+        "gpt2-medium": (36, 768, 24, 512, 48, 5e-4, 1e-4, 500, 0.4, 20_000),
+        "llama-1.4b": (24, 2048, 16, 8192, 128, 3e-4, 3e-5, 2000, 1.0, 100_000),
+        "llama-7b": (32, 4096, 32, 8192, 128, 3e-4, 3e-5, 2000, 2.0, 170_000),
+    }
+    for name, row in expected.items():
+        p = PRESETS[name]
+        got = (p.num_layers, p.hidden_size, p.num_attention_heads, p.seq_length, p.global_batch_size, p.lr,
+               p.min_lr, p.lr_warmup_iters, p.reweight_r, p.train_iters)  # fmt: skip
+        assert got == row, name
+        assert (p.weight_decay, p.clip_grad, p.reweight_r_warmup_steps) == (0.01, 1.0, p.lr_warmup_iters)
+    assert PRESETS["llama-7b"].ffn_hidden_size == 11008 and PRESETS["llama-7b"].num_query_groups == 32
+
+
+def test_llama_presets_have_the_advertised_size():
+    # Untied embeddings with a 32000-token vocabulary; SwiGLU has three FFN matrices.
+    def parameters(p, vocab=32000):
+        head_dim = p.hidden_size // p.num_attention_heads
+        attention = p.hidden_size * (p.hidden_size + 2 * p.num_query_groups * head_dim) + p.hidden_size**2
+        layer = attention + 3 * p.hidden_size * p.ffn_hidden_size + 2 * p.hidden_size
+        return p.num_layers * layer + 2 * vocab * p.hidden_size + p.hidden_size
+
+    assert 6.6e9 < parameters(PRESETS["llama-7b"]) < 6.8e9  # Llama-2-7B: 6.74B
+    assert 1.3e9 < parameters(PRESETS["llama-1.4b"]) < 1.5e9
+
+
+def test_preset_defaults_and_overrides(corpus, tmp_path):
+    c = config(["--preset", "gpt2-small", "--mock-data"], world_size=8)
+    assert (c.model.hidden_size, c.model.num_layers, c.optim.global_batch_size, c.optim.lr_decay_iters) == (
+        768,
+        24,
+        48,
+        20_000,
+    )
+    assert (c.reweight.strategy, c.reweight.temperature.r, c.reweight.temperature.warmup_steps) == (
+        "linupper",
+        0.4,
+        500,
+    )
+    assert c.reweight.temperature.warmup_r == 100.0 and c.optim.adam_beta2 == 0.999
+    c = config(["--preset", "llama-7b", "--mock-data", "--hidden-size", "1024", "--num-attention-heads", "8",
+                "--lr", "1e-4", "--reweight-strategy", "uniform", "--reweight-r", "3"], world_size=8)  # fmt: skip
+    assert (c.model.hidden_size, c.model.num_attention_heads, c.model.num_query_groups) == (1024, 8, 8)
+    assert (c.optim.lr, c.reweight.strategy, c.reweight.temperature.r) == (1e-4, "uniform", 3.0)
+    c = config(SMALL_MODEL + data_args(corpus, tmp_path) + ["--save", str(tmp_path / "ck")])
+    assert c.data.domains == ["repeat", "markov", "noise"] and c.data.data_weights == [1.0, 1.0, 1.0]
+    assert c.logging.metrics_file == tmp_path / "ck" / "metrics.jsonl"
+    assert c.device.device == "cpu" and c.device.bf16 is False and c.device.transformer_impl == "local"
+
+
+# --------------------------------------------------------------------------- data pieces
+def test_megatron_blend_syntax():
+    assert parse_blend(["/d/a"]) == (["/d/a"], None)
+    assert parse_blend(["0.3", "/d/a", "0.7", "/d/b"]) == (["/d/a", "/d/b"], [0.3, 0.7])
+    assert parse_blend(["/d/a", "/d/b"]) == (["/d/a", "/d/b"], None)
+    with pytest.raises(ConfigError, match="WEIGHT1 PREFIX1"):
+        parse_blend(["0.3", "/d/a", "/d/b"])
+    with pytest.raises(ConfigError, match="weights must be >= 0"):
+        parse_blend(["-1", "/d/a", "2", "/d/b"])
+    assert domain_names(["/x/web", "/y/web", "/z/code/"]) == ["web", "web_2", "code"]
+
+
+def test_vocab_padding_is_megatrons():
+    assert padded_vocab_size(50257, 128, 1) == 50304
+    assert padded_vocab_size(50257, 128, 8) == 51200
+    assert padded_vocab_size(256, 128, 2) == 256
+
+
+def test_sampler_splits_each_block_over_dp_ranks_in_order():
+    mbs, dp = 3, 4
+    for rank in range(dp):
+        batches = list(PretrainingSampler(100, 12, mbs, rank, dp))
+        assert len(batches) == (100 - 12) // (mbs * dp)
+        for step, batch in enumerate(batches):
+            start = 12 + step * mbs * dp + rank * mbs
+            assert batch == list(range(start, start + mbs))
+
+
+def test_sampler_resumes_exactly_where_it_stopped():
+    full = list(PretrainingSampler(200, 0, 2, 1, 3))
+    for consumed_steps in (0, 1, 7, 20):
+        resumed = list(PretrainingSampler(200, consumed_steps * 2 * 3, 2, 1, 3))
+        assert resumed == full[consumed_steps:]
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_input_is_one_line_naming_the_problem(corpus, tmp_path):
+    data = data_args(corpus, tmp_path)
+    assert "invalid choice: 'llama-70b'" in error(["--preset", "llama-70b", "--mock-data"])
+    message = error(SMALL_MODEL + data + ["--global-batch-size", "6"], world_size=2)
+    assert "--global-batch-size 6" in message and "--micro-batch-size 2" in message
+    message = error(SMALL_MODEL + data + ["--tensor-model-parallel-size", "2", "--num-attention-heads", "6",
+                                          "--num-query-groups", "3", "--hidden-size", "96"], world_size=2)  # fmt: skip
+    assert "--tensor-model-parallel-size 2 does not divide --num-attention-heads 6" not in message
+    assert "--num-query-groups 3" in message
+    message = error(SMALL_MODEL + data + ["--tensor-model-parallel-size", "2", "--num-attention-heads", "3",
+                                          "--num-query-groups", "3", "--hidden-size", "96"], world_size=2)  # fmt: skip
+    assert "--tensor-model-parallel-size 2 does not divide --num-attention-heads 3" in message
+    assert "not divisible by 2 x --context-parallel-size" in error(
+        SMALL_MODEL + data + ["--context-parallel-size", "2", "--seq-length", "66"], world_size=2
+    )
+    assert "world size 3 is not divisible by TP x PP x CP" in error(
+        SMALL_MODEL + data + ["--tensor-model-parallel-size", "2"], world_size=3
+    )
+    assert "does not divide --num-layers 2" in error(
+        SMALL_MODEL + data + ["--pipeline-model-parallel-size", "4"], world_size=4
+    )
+    assert "needs --tensor-model-parallel-size > 1" in error(SMALL_MODEL + data + ["--sequence-parallel"])
+    assert "needs --tokenizer-model" in error(SMALL_MODEL + ["--data-path", corpus["prefixes"][0]])
+    assert "--min-lr 0.1 is above --lr" in error(SMALL_MODEL + data + ["--min-lr", "0.1"])
+    assert "unknown reweighting strategy" in error(SMALL_MODEL + data + ["--reweight-strategy", "nope"]).lower()
+
+
+def test_missing_and_corrupt_data_prefixes_are_named(corpus, tmp_path):
+    missing = str(tmp_path / "nowhere" / "web")
+    args = SMALL_MODEL + [
+        "--data-path",
+        "1",
+        corpus["prefixes"][0],
+        "1",
+        missing,
+        "--tokenizer-model",
+        corpus["tokenizer"],
+    ]
+    assert error(args) == f"--data-path prefix {missing}: missing {missing}.idx and {missing}.bin"
+
+    # A .bin cut short (an interrupted copy) and an index that is not one.
+    source = Path(corpus["prefixes"][1])
+    truncated = tmp_path / "truncated"
+    (tmp_path / "truncated.idx").write_bytes(source.with_suffix(".idx").read_bytes())
+    (tmp_path / "truncated.bin").write_bytes(source.with_suffix(".bin").read_bytes()[:-10])
+    args = SMALL_MODEL + ["--data-path", str(truncated), "--tokenizer-model", corpus["tokenizer"]]
+    assert f"--data-path prefix {truncated}: corrupt indexed dataset" in error(args)
+
+    garbage = tmp_path / "garbage"
+    (tmp_path / "garbage.idx").write_bytes(b"not an index at all")
+    (tmp_path / "garbage.bin").write_bytes(b"")
+    args = SMALL_MODEL + ["--data-path", str(garbage), "--tokenizer-model", corpus["tokenizer"]]
+    assert f"--data-path prefix {garbage}: corrupt indexed dataset" in error(args)
+
+    bad_tokenizer = tmp_path / "tokenizer.json"
+    bad_tokenizer.write_text("{}")
+    args = SMALL_MODEL + ["--data-path", corpus["prefixes"][0], "--tokenizer-model", str(bad_tokenizer)]
+    from megatron_reweight.training.trainer import _tokenizer
+
+    with pytest.raises(ConfigError, match="not a Hugging Face tokenizer.json"):
+        _tokenizer(config(args))

@@ -1,0 +1,100 @@
+"""pretrain_llama.py end to end on CPU (gloo, torchrun): training with DP, TP, CP and PP,
+per-domain validation, TensorBoard and the metrics file."""
+
+import math
+
+import pytest
+from _launch import SMALL_MODEL, data_args, make_corpus, read_metrics, run
+
+ITERS = 16
+COMMON = ["--train-iters", str(ITERS), "--log-interval", "1", "--eval-interval", "8", "--eval-iters", "1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def single_process(corpus, tmp_path_factory):
+    """The reference: one process (no torchrun), no model parallelism."""
+    out = tmp_path_factory.mktemp("single")
+    result = run(1, SMALL_MODEL + data_args(corpus, out / "cache") + COMMON + ["--metrics-file", str(out / "m.jsonl")])
+    return result, *read_metrics(out / "m.jsonl")
+
+
+def test_data_parallel_run_learns_and_logs_everything(corpus, tmp_path):
+    tensorboard = tmp_path / "tb"
+    args = SMALL_MODEL + data_args(corpus, tmp_path / "cache") + COMMON + ["--tensorboard-dir", str(tensorboard)]
+    result = run(2, args)
+    train, evals = read_metrics(tensorboard / "metrics.jsonl")
+
+    assert sorted(train) == list(range(1, ITERS + 1))
+    first, last = train[1], train[ITERS]
+    assert last["lm loss"] < first["lm loss"] - 0.3, (first["lm loss"], last["lm loss"])
+    assert first["lm loss"] == pytest.approx(math.log(256), abs=0.15)  # an untrained model: ~uniform
+    # LinUpper after the r warm-up (2 steps at r = 100): weights differ from uniform and the
+    # weighted loss leans to the hard samples.
+    assert train[1]["r"] == 100 and train[ITERS]["r"] == 0.4
+    assert train[1]["max weight x batch"] == pytest.approx(1.0, abs=0.05)
+    late = [train[i] for i in range(4, ITERS + 1)]
+    assert all(t["max weight x batch"] > 1.05 and t["min weight x batch"] < 0.95 for t in late)
+    assert all(t["weighted loss"] > t["lm loss"] for t in late)
+    assert all(t["tokens per s"] > 0 and t["step time s"] > 0 and t["lr"] > 0 for t in late)
+
+    # Per-domain validation (held-out documents of each prefix), at 8 and 16.
+    assert sorted(evals) == [8, ITERS]
+    for record in evals.values():
+        assert sorted(record["domains"]) == ["markov", "noise", "repeat"]
+        for domain in record["domains"].values():
+            assert domain["ppl"] == pytest.approx(math.exp(domain["loss"]), rel=1e-6) and domain["tokens"] == 8 * 64
+    # The noise domain (uniform over 160 tokens) cannot go below log(160); the others can.
+    final = evals[ITERS]["domains"]
+    assert final["noise"]["loss"] > math.log(160) - 0.05
+    assert final["markov"]["loss"] < evals[8]["domains"]["markov"]["loss"]
+    assert "validation at iteration 16: repeat" in result.stdout and "DP 2" in result.stdout
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tensorboard)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {
+        "train/lm loss",
+        "train/weighted loss",
+        "train/r",
+        "train/tokens per s",
+        "valid/noise/ppl",
+        "valid/all/loss",
+    } <= tags
+    assert [e.step for e in events.Scalars("train/lm loss")] == list(range(1, ITERS + 1))
+    assert events.Scalars("train/lm loss")[-1].value == pytest.approx(last["lm loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "layout", [["--tensor-model-parallel-size", "2"], ["--context-parallel-size", "2"]], ids=["tp2", "cp2"]
+)
+def test_model_parallel_run_matches_one_process(layout, corpus, tmp_path, single_process):
+    """TP and CP shard the same model (CPU initialisation makes the full weights and splits
+    them): the losses must match the one-process run up to float summation order."""
+    _, reference, reference_evals = single_process
+    metrics = tmp_path / "m.jsonl"
+    run(2, SMALL_MODEL + data_args(corpus, tmp_path / "cache") + COMMON + layout + ["--metrics-file", str(metrics)])
+    train, evals = read_metrics(metrics)
+    for iteration in range(1, ITERS + 1):
+        for key in ("lm loss", "weighted loss", "max weight x batch"):
+            assert train[iteration][key] == pytest.approx(reference[iteration][key], rel=2e-4, abs=2e-4), (
+                iteration,
+                key,
+            )
+    for domain, values in evals[ITERS]["domains"].items():
+        assert values["loss"] == pytest.approx(reference_evals[ITERS]["domains"][domain]["loss"], rel=2e-4)
+
+
+def test_pipeline_parallel_run_learns(corpus, tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    result = run(2, SMALL_MODEL + data_args(corpus, tmp_path / "cache") + COMMON + ["--pipeline-model-parallel-size", "2",
+                                                                                     "--metrics-file", str(metrics)])  # fmt: skip
+    train, evals = read_metrics(metrics)
+    assert "PP 2" in result.stdout
+    assert train[ITERS]["lm loss"] < train[1]["lm loss"] - 0.3
+    assert sorted(evals[ITERS]["domains"]) == ["markov", "noise", "repeat"]
