@@ -9,8 +9,8 @@ metrics, one record per step; the median resists the spikes of a shared machine,
 mean-based figure is reported too). The ratio reported is the median over rounds of
 linupper / uniform within a round.
 
-    python -m benchmarks.bench_trainer_throughput                 # 3 rounds x 40 steps, 1 process
-    python -m benchmarks.bench_trainer_throughput --nproc 2 --rounds 5 --out tput.json
+    python -m benchmarks.bench_trainer_throughput --rounds 5      # 5 rounds x 40 steps, 1 process
+    python -m benchmarks.bench_trainer_throughput --nproc 2 --out /tmp/tput.json
     python -m benchmarks.bench_trainer_throughput --extra-args "--mock-data --seq-length 256"
 """
 
@@ -26,9 +26,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.results_doc import REPO_ROOT as REPO
+from benchmarks.results_doc import RESULTS_DIR, write_results_section
+
+DEFAULT_OUT = RESULTS_DIR / "trainer_throughput.json"
 
 
 def _free_port() -> int:
@@ -82,9 +86,13 @@ def main() -> None:
     parser.add_argument("--train-iters", type=int, default=40)
     parser.add_argument("--skip", type=int, default=5, help="first steps of each run left out of the timing")
     parser.add_argument("--nproc", type=int, default=1, help="ranks (torchrun) per run: DP size")
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 1), help="OMP threads per rank")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="OMP threads in all, split over the ranks"
+    )
     parser.add_argument("--extra-args", default="", help="more pretrain_llama.py flags, quoted")
-    parser.add_argument("--out", type=Path, default=None, help="write the runs and the summary as JSON")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="JSON of the runs and the summary (default docs/results/, which also updates "
+                        "docs/results.md)")  # fmt: skip
     args = parser.parse_args()
     if args.skip >= args.train_iters:
         parser.error("--skip must be below --train-iters")
@@ -120,10 +128,33 @@ def main() -> None:
         print(f"  {strategy:>10}: {s['tokens_per_s_median']:9.0f} tokens/s (median)   "
               f"{strategy}/{baseline} = {s[f'ratio_to_{baseline}_median']:.3f} "
               f"(rounds: {', '.join(f'{r:.3f}' for r in s[f'ratio_to_{baseline}_per_round'])})")  # fmt: skip
-    if args.out:
-        args.out.write_text(
-            json.dumps({"config": vars(args) | {"out": str(args.out)}, "runs": runs, "summary": summary}, indent=1)
-        )
+    command = "python -m benchmarks.bench_trainer_throughput " + " ".join(sys.argv[1:])
+    report = {
+        "command": command.strip(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "config": vars(args) | {"out": str(args.out)},
+        "runs": runs,
+        "summary": summary,
+    }
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    if args.out.resolve() == DEFAULT_OUT:
+        write_results_section("trainer_throughput", markdown_section(report), "bench_trainer_throughput")
+
+
+def markdown_section(report: dict) -> str:
+    c, summary = report["config"], report["summary"]
+    baseline = c["strategies"][0]
+    rows = [f"| strategy | tokens/s (median over rounds) | / {baseline}, median | per round |", "|---|---|---|---|"]
+    for strategy, s in summary.items():
+        rounds = ", ".join(f"{r:.3f}" for r in s[f"ratio_to_{baseline}_per_round"])
+        rows.append(f"| `{strategy}` | {s['tokens_per_s_median']:,.0f} | {s[f'ratio_to_{baseline}_median']:.3f} "
+                    f"| {rounds} |")  # fmt: skip
+    return (
+        f"Command: `{report['command']}` ({report['date']}). `pretrain_llama.py --preset {c['preset']}` on CPU, "
+        f"{c['nproc']} rank(s) x {c['threads']} thread(s), {c['train_iters']} steps a run with the first "
+        f"{c['skip']} left out, {c['rounds']} rounds alternating the order; tokens/s from each run's median "
+        f"step time.\n\n" + "\n".join(rows)
+    )
 
 
 if __name__ == "__main__":

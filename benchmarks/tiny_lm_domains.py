@@ -264,7 +264,7 @@ def analyse(cfg: LMConfig, runs: dict[str, dict]) -> dict:
     }
 
 
-def plot(cfg: LMConfig, analysis: dict, out_dir: Path) -> list[str]:
+def plot(cfg: LMConfig, analysis: dict, out_dir: Path, name: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,9 +289,9 @@ def plot(cfg: LMConfig, analysis: dict, out_dir: Path) -> list[str]:
     for ax in list(axes.flat)[len(domains) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"{cfg.preset}: per-domain validation perplexity (same seed and data order)")
+    fig.suptitle(f"{name}: per-domain validation perplexity (same seed and data order)")
     fig.tight_layout()
-    ppl_png = out_dir / "tiny_lm_domains_ppl.png"
+    ppl_png = out_dir / f"{name}_ppl.png"
     fig.savefig(ppl_png, dpi=100)
     plt.close(fig)
 
@@ -358,7 +358,7 @@ def plot(cfg: LMConfig, analysis: dict, out_dir: Path) -> list[str]:
     ax_domain.set(ylabel="mean weight × batch size", title="Which domains are down-weighted (< 1)")
     ax_domain.legend(fontsize=8)
     fig.tight_layout()
-    weights_png = out_dir / "tiny_lm_domains_weights.png"
+    weights_png = out_dir / f"{name}_weights.png"
     fig.savefig(weights_png, dpi=100)
     plt.close(fig)
     return [ppl_png.name, weights_png.name]
@@ -495,11 +495,7 @@ def main() -> None:
             runs[strategy] = run_strategy(cfg, strategy, Path(tmp))
     analysis = analyse(cfg, runs)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    plots = plot(cfg, analysis, args.out_dir)
-    if args.name != "tiny_lm_domains":
-        for old in plots:
-            (args.out_dir / old).rename(args.out_dir / old.replace("tiny_lm_domains", args.name))
-        plots = [p.replace("tiny_lm_domains", args.name) for p in plots]
+    plots = plot(cfg, analysis, args.out_dir, args.name)
     first = next(iter(runs.values()))
     command = "python -m benchmarks.tiny_lm_domains"
     if args.train_iters != LMConfig.train_iters:

@@ -78,6 +78,7 @@ def llama_transformer_config(
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
+        cuda_graph_scope=[],  # megatron's default "full" only warns that it is deprecated
     )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy
 from distributed import REPO, free_port
+
 VOCAB = 256
 EOD = 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import time
+
 import torch
 import torch.distributed as dist
 
