@@ -35,6 +35,9 @@ import torch.distributed as dist
 from megatron_reweight.strategies import compute_weights
 from megatron_reweight.temperature import TemperatureSchedule
 
+# torch 2.13 renamed all_gather_into_tensor (now deprecated, with a warning per call).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 @dataclass
 class ReweightConfig:
@@ -96,7 +99,7 @@ def gather_losses(losses: torch.Tensor, data_parallel_group=None) -> torch.Tenso
     gathered = torch.empty(
         dist.get_world_size(data_parallel_group) * losses.numel(), dtype=losses.dtype, device=losses.device
     )
-    dist.all_gather_into_tensor(gathered, losses.contiguous(), group=data_parallel_group)
+    _all_gather_single(gathered, losses.contiguous(), group=data_parallel_group)
     return gathered
 
 

@@ -20,3 +20,24 @@ def test_single_gpu_weighted_gradient_matches_reference(tmp_path, strategy):
     torchrun(1, WORKER, "--phase", "reference", *options, env=ON_GPU)
     result = torchrun(1, WORKER, "--phase", "layout", *options, env=ON_GPU)
     assert "weights and gradients match the reference" in result.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trainer_on_one_gpu_learns_in_bf16(tmp_path):
+    """pretrain_llama.py's GPU path: NCCL, bf16 with fp32 main weights, Transformer Engine's
+    layers when installed, a checkpoint save and a resume."""
+    from _launch import SMALL_MODEL, data_args, make_corpus, read_metrics, run
+
+    corpus = make_corpus(tmp_path / "corpus")
+    ckpt = tmp_path / "ckpt"
+    args = SMALL_MODEL + data_args(corpus, tmp_path / "cache") + [
+        "--device", "cuda", "--log-interval", "1", "--eval-interval", "10", "--eval-iters", "1",
+        "--save", str(ckpt), "--load", str(ckpt), "--use-distributed-optimizer",
+    ]  # fmt: skip
+    first = run(1, args + ["--train-iters", "20", "--exit-interval", "10"])
+    assert "cuda bf16" in first.stdout and "exiting at iteration 10" in first.stdout
+    second = run(1, args + ["--train-iters", "20"])
+    assert "resumed from" in second.stdout
+    train, evals = read_metrics(ckpt / "metrics.jsonl")
+    assert sorted(train) == list(range(1, 21)) and sorted(evals) == [10, 20]
+    assert train[20]["lm loss"] < train[1]["lm loss"] - 0.3
