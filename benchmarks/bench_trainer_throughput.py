@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,14 +30,9 @@ from pathlib import Path
 
 from benchmarks.results_doc import REPO_ROOT as REPO
 from benchmarks.results_doc import RESULTS_DIR, write_results_section
+from megatron_reweight.launch import local_torchrun
 
 DEFAULT_OUT = RESULTS_DIR / "trainer_throughput.json"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_once(strategy: str, args: argparse.Namespace, metrics: Path) -> dict:
@@ -51,8 +45,7 @@ def run_once(strategy: str, args: argparse.Namespace, metrics: Path) -> dict:
     if args.nproc == 1:
         command = [sys.executable, script, *flags]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
-                   f"--master-port={_free_port()}", "--master-addr=127.0.0.1", script, *flags]  # fmt: skip
+        command = local_torchrun(args.nproc, [script, *flags])
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
     start = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)

@@ -32,9 +32,7 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -46,6 +44,7 @@ import numpy as np
 import torch
 
 from benchmarks.results_doc import REPO_ROOT, RESULTS_DIR, write_results_section
+from megatron_reweight.launch import local_torchrun
 
 PLAIN = "plain"
 # A second, identical plain variant: the A/A control. Its ratio to plain shows how finely
@@ -266,20 +265,12 @@ def worker(cfg: OverheadConfig, out: Path) -> None:
 # --- parent: launch, summarise, analyse -----------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(dp_size: int, out: Path, rounds: int) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     env["OMP_NUM_THREADS"] = str(OverheadConfig.threads_per_rank)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(dp_size),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        "-m", "benchmarks.overhead", "--worker", "--worker-out", str(out), "--worker-rounds", str(rounds),
-    ]  # fmt: skip
+    command = local_torchrun(
+        dp_size, ["-m", "benchmarks.overhead", "--worker", "--worker-out", str(out), "--worker-rounds", str(rounds)]
+    )
     subprocess.run(command, cwd=REPO_ROOT, env=env, check=True)
 
 

@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import numpy
-from distributed import REPO, free_port
+from distributed import REPO
+
+from megatron_reweight.launch import local_torchrun
 
 VOCAB = 256
 EOD = 0
@@ -92,10 +94,7 @@ def command(nproc: int, args: list[str]) -> list[str]:
     script = str(REPO / "pretrain_llama.py")
     if nproc == 1:
         return [sys.executable, script, *args]
-    return [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-        f"--master-port={free_port()}", "--master-addr=127.0.0.1", script, *args,
-    ]  # fmt: skip
+    return local_torchrun(nproc, [script, *args])
 
 
 def run(nproc: int, args: list[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:

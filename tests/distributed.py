@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
+
+from megatron_reweight.launch import local_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def torchrun(nproc: int, script: Path, *args: str, timeout: float = 600, env: dict | None = None):
     """Run `script` on `nproc` local ranks; fail the test with the workers' output if any rank fails."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc-per-node={nproc}", f"--master-port={free_port()}", "--master-addr=127.0.0.1",
-        str(script), *args,
-    ]  # fmt: skip
+    command = local_torchrun(nproc, [str(script), *args])
     # Several ranks share one machine, so they run on CPU with gloo even where a GPU exists.
     environment = {
         **os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})

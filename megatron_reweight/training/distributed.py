@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -16,6 +15,7 @@ import numpy
 import torch
 import torch.distributed as dist
 
+from megatron_reweight.launch import free_port
 from megatron_reweight.training.config import TrainConfig
 
 
@@ -45,12 +45,6 @@ class Runtime:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _single_process_env() -> None:
     """torchrun sets these; a plain `python pretrain_llama.py` is a world of one."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -59,7 +53,7 @@ def _single_process_env() -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def set_seeds(seed: int) -> None:
