@@ -12,6 +12,8 @@ linupper / uniform within a round.
     python -m benchmarks.bench_trainer_throughput --rounds 5      # 5 rounds x 40 steps, 1 process
     python -m benchmarks.bench_trainer_throughput --nproc 2 --out /tmp/tput.json
     python -m benchmarks.bench_trainer_throughput --extra-args "--mock-data --seq-length 256"
+    python -m benchmarks.bench_trainer_throughput --preset llama-1.4b --train-iters 30 \
+        --extra-args "--mock-data --num-layers 4 --global-batch-size 8"   # one GPU: cuda, bf16, TE
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ DEFAULT_OUT = RESULTS_DIR / "trainer_throughput.json"
 
 def run_once(strategy: str, args: argparse.Namespace, metrics: Path) -> dict:
     flags = [
-        "--preset", args.preset, "--device", "cpu", "--train-iters", str(args.train_iters),
+        "--preset", args.preset, "--train-iters", str(args.train_iters),
         "--log-interval", "1", "--eval-iters", "0", "--seed", "1234",
         "--reweight-strategy", strategy, "--metrics-file", str(metrics), *shlex.split(args.extra_args),
     ]  # fmt: skip
@@ -67,6 +69,7 @@ def run_once(strategy: str, args: argparse.Namespace, metrics: Path) -> dict:
         "wall_s": time.perf_counter() - start,
         "final_lm_loss": steps[-1]["lm loss"],
         "parameters": run["parameters"],
+        "device": f"{run['device']} {'bf16' if run['bf16'] else 'fp32'} {run['transformer_impl']}",
         "tokens_per_step": tokens_per_step,
     }
 
@@ -143,7 +146,8 @@ def markdown_section(report: dict) -> str:
         rows.append(f"| `{strategy}` | {s['tokens_per_s_median']:,.0f} | {s[f'ratio_to_{baseline}_median']:.3f} "
                     f"| {rounds} |")  # fmt: skip
     return (
-        f"Command: `{report['command']}` ({report['date']}). `pretrain_llama.py --preset {c['preset']}` on CPU, "
+        f"Command: `{report['command']}` ({report['date']}). `pretrain_llama.py --preset {c['preset']}` on "
+        f"{report['runs'][0]['device']}, "
         f"{c['nproc']} rank(s) x {c['threads']} thread(s), {c['train_iters']} steps a run with the first "
         f"{c['skip']} left out, {c['rounds']} rounds alternating the order; tokens/s from each run's median "
         f"step time.\n\n" + "\n".join(rows)
