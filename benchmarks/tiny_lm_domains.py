@@ -9,10 +9,9 @@ the offline multi-domain demo corpus. We record
   step times the batch size against Theorem 1's bound 2 (paper 1, Figure 6), the
   distribution of weights (paper 2, Figure 2) and the mean weight x b per domain.
 
-The trainer does not expose per-sample weights or domains, so each run happens in a
-worker process that wraps two trainer internals: the reweighter's `loss_func` (to keep
-`last_losses` / `last_weights`) and `to_device` (to read the blend's `dataset_id` of
-each sample in the micro-batch, which the forward step drops).
+The trainer logs each domain's mean weight but not per-sample weights, so each run happens
+in a worker process that subclasses the trainer's `SampleReweighter` to record every
+micro-batch's losses, weights and domain ids.
 
 One micro-batch per step (micro-batch = global batch = 16), so each step's weights span
 the whole batch, as in paper 1 where the losses of all GPUs are gathered.
@@ -32,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -102,31 +100,21 @@ def worker(cfg: LMConfig, strategy: str, out: Path) -> None:
     from megatron_reweight.training import parse_config, train
 
     samples: list[dict] = []
-    pending_domains: deque = deque()
-    original_to_device = trainer_module.to_device
-
-    def to_device(batch: dict, device):
-        # Training batches come from the blend and carry each sample's dataset id;
-        # validation batches (one dataset per domain) do not.
-        if "dataset_id" in batch:
-            pending_domains.append(batch["dataset_id"].tolist())
-        return original_to_device(batch, device)
 
     class RecordingReweighter(trainer_module.SampleReweighter):
-        def loss_func(self, loss_mask, output_tensor):
-            result = super().loss_func(loss_mask, output_tensor)
+        def loss_func(self, loss_mask, output_tensor, domain_ids=None):
+            result = super().loss_func(loss_mask, output_tensor, domain_ids)
             samples.append(
                 {
                     "step": self.step,
                     "r": self.temperature(),
                     "losses": self.last_losses.tolist(),
                     "weights": self.last_weights.tolist(),
-                    "domain_ids": pending_domains.popleft(),
+                    "domain_ids": domain_ids.tolist(),  # one process: the whole gathered batch
                 }
             )
             return result
 
-    trainer_module.to_device = to_device
     trainer_module.SampleReweighter = RecordingReweighter
 
     metrics_file = out.with_suffix(".jsonl")

@@ -134,22 +134,27 @@ class SampleReweighter:
     temperature schedule is read at that step. `last_losses` / `last_weights` hold the
     gathered batch of the latest microbatch, for diagnostics such as weight histograms."""
 
-    def __init__(self, config: ReweightConfig, data_parallel_group=None, context_parallel_group=None):
+    def __init__(
+        self, config: ReweightConfig, data_parallel_group=None, context_parallel_group=None,
+        domain_names: list[str] | None = None,
+    ):  # fmt: skip
         self.config = config
         self.data_parallel_group = data_parallel_group
         self.context_parallel_group = context_parallel_group
+        self.domain_names = domain_names or []
         self.step = 0
         self.last_losses: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
 
     @classmethod
-    def from_parallel_state(cls, config: ReweightConfig) -> SampleReweighter:
+    def from_parallel_state(cls, config: ReweightConfig, domain_names: list[str] | None = None) -> SampleReweighter:
         from megatron.core import parallel_state
 
         return cls(
             config,
             data_parallel_group=parallel_state.get_data_parallel_group(with_context_parallel=False),
             context_parallel_group=parallel_state.get_context_parallel_group(),
+            domain_names=domain_names,
         )
 
     def _group_size(self, group) -> int:
@@ -158,8 +163,11 @@ class SampleReweighter:
     def temperature(self) -> float:
         return self.config.temperature(self.step)
 
-    def loss_func(self, loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-        """Megatron 0.16 loss_func contract: returns (loss, num_tokens, report)."""
+    def loss_func(self, loss_mask: torch.Tensor, output_tensor: torch.Tensor, domain_ids: torch.Tensor | None = None):
+        """Megatron 0.16 loss_func contract: returns (loss, num_tokens, report).
+
+        `domain_ids` ([b], a blend's `dataset_id`), with `domain_names` set, adds the mean
+        weight x batch of each domain's samples to the report (below 1: down-weighted)."""
         pieces = per_sample_losses(output_tensor, loss_mask, self.context_parallel_group)
         dp_size = self._group_size(self.data_parallel_group)
         dp_rank = 0 if dp_size == 1 else dist.get_rank(self.data_parallel_group)
@@ -178,7 +186,24 @@ class SampleReweighter:
         report = {"lm loss": torch.stack([pieces.local_sums.detach().sum().float(), loss_mask.sum().float()])}
         # [value, count] pairs: Megatron sums them over microbatches and DP x CP ranks, then divides.
         report.update(weight_statistics(gathered, weights))
+        if self.domain_names and domain_ids is not None:
+            report.update(domain_weights(pieces.losses, local_weights * weights.numel(), domain_ids, self.domain_names))
         return loss, num_tokens, report
+
+
+def domain_weights(
+    losses: torch.Tensor, weights_x_batch: torch.Tensor, domain_ids: torch.Tensor, names: list[str]
+) -> dict[str, torch.Tensor]:
+    """`weight x batch/<domain>` report pairs [sum over the domain's valid samples, count]: every
+    domain in every report (count 0 when absent), so the reduction's keys agree across ranks."""
+    valid = torch.isfinite(losses)
+    ids = domain_ids.to(losses.device).long()
+    return {
+        f"weight x batch/{name}": torch.stack(
+            [torch.where(valid & (ids == d), weights_x_batch.float(), 0.0).sum(), (valid & (ids == d)).sum().float()]
+        )
+        for d, name in enumerate(names)
+    }
 
 
 def reduce_reports(reports: list[dict[str, torch.Tensor]], group=None) -> dict[str, float]:

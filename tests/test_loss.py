@@ -125,6 +125,26 @@ def test_report_keeps_unweighted_lm_loss_and_weight_statistics():
     assert stats["sample loss max"] == pytest.approx(float(sample_losses.max()), rel=1e-6)
 
 
+def test_domain_report_is_each_domains_mean_weight_x_batch():
+    _, per_token = token_losses()
+    mask = mask_of()
+    mask[4] = 0  # an all-masked sample counts for no domain
+    domain_ids = torch.tensor([0, 2, 0, 2, 2, 0])
+    names = ["web", "code", "books"]
+    meter = SampleReweighter(ReweightConfig("linupper", TemperatureSchedule(r=0.5)), domain_names=names)
+    reports = [meter.loss_func(mask, per_token, domain_ids)[2], meter.loss_func(mask, per_token, domain_ids)[2]]
+    stats = reduce_reports(reports)
+
+    counts = mask.sum(1)
+    sample_losses = ((per_token * mask).sum(1) / counts.clamp(min=1)).detach()
+    valid = counts > 0
+    w = compute_weights(torch.where(valid, sample_losses, torch.nan), "linupper", r=0.5) * 6
+    assert stats["weight x batch/web"] == pytest.approx(float(w[[0, 2, 5]].mean()), rel=1e-6)
+    assert stats["weight x batch/books"] == pytest.approx(float(w[[1, 3]].mean()), rel=1e-6)
+    assert "weight x batch/code" not in stats  # no sample of it: nothing to average
+    assert set(reports[0]) >= {f"weight x batch/{name}" for name in names}  # same keys on every rank
+
+
 def test_reduce_reports_averages_pairs_over_microbatches():
     reports = [{"lm loss": torch.tensor([10.0, 4.0])}, {"lm loss": torch.tensor([2.0, 4.0])}]
     assert reduce_reports(reports) == {"lm loss": 1.5}

@@ -40,6 +40,9 @@ def test_data_parallel_run_learns_and_logs_everything(corpus, tmp_path):
     late = [train[i] for i in range(4, ITERS + 1)]
     assert all(t["max weight x batch"] > 1.05 and t["min weight x batch"] < 0.95 for t in late)
     assert all(t["weighted loss"] > t["lm loss"] for t in late)
+    # Per domain: the unlearnable noise gets more than its share; the Markov chain, whose small
+    # token range is learnt first, gets less.
+    assert all(t["weight x batch/noise"] > 1 > t["weight x batch/markov"] for t in late)
     assert all(t["tokens per s"] > 0 and t["step time s"] > 0 and t["lr"] > 0 for t in late)
 
     # Per-domain validation (held-out documents of each prefix), at 8 and 16.
@@ -63,6 +66,7 @@ def test_data_parallel_run_learns_and_logs_everything(corpus, tmp_path):
         "train/weighted loss",
         "train/r",
         "train/tokens per s",
+        "train/weight x batch/noise",
         "valid/noise/ppl",
         "valid/all/loss",
     } <= tags
@@ -81,7 +85,7 @@ def test_model_parallel_run_matches_one_process(layout, corpus, tmp_path, single
     run(2, SMALL_MODEL + data_args(corpus, tmp_path / "cache") + COMMON + layout + ["--metrics-file", str(metrics)])
     train, evals = read_metrics(metrics)
     for iteration in range(1, ITERS + 1):
-        for key in ("lm loss", "weighted loss", "max weight x batch"):
+        for key in ("lm loss", "weighted loss", "max weight x batch", "weight x batch/markov"):
             assert train[iteration][key] == pytest.approx(reference[iteration][key], rel=2e-4, abs=2e-4), (
                 iteration,
                 key,

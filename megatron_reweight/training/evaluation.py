@@ -26,6 +26,10 @@ def unweighted_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return total, count, {"lm loss": torch.stack([total.detach(), mask.sum()])}
 
 
+def _batch_loss_func(batch: dict, output_tensor: torch.Tensor):
+    return unweighted_loss_func(batch["loss_mask"], output_tensor)
+
+
 @torch.no_grad()
 def evaluate(mo, valid_datasets: dict, config, runtime, forward_step) -> dict[str, dict[str, float]]:
     """Collective over all ranks. Returns {domain: {"loss", "ppl", "tokens"}} on every rank of
@@ -50,7 +54,7 @@ def evaluate(mo, valid_datasets: dict, config, runtime, forward_step) -> dict[st
             for _ in range(config.eval.eval_iters):
                 reports += (
                     get_forward_backward_func()(
-                        forward_step_func=partial(forward_step, loss_func=unweighted_loss_func),
+                        forward_step_func=partial(forward_step, loss_func=_batch_loss_func),
                         data_iterator=iterator,
                         model=mo.model,
                         num_microbatches=num_microbatches,

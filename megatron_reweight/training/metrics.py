@@ -5,7 +5,8 @@ Only the logging rank (the last rank, which holds the loss, as in Megatron-LM) w
 JSON-lines records:
     {"kind": "train", "iteration": 10, "consumed_samples": ..., "lm loss": ..., "weighted loss": ...,
      "lr": ..., "r": ..., "max weight x batch": ..., "min weight x batch": ...,
-     "effective sample fraction": ..., "grad norm": ..., "step time s": ..., "tokens per s": ..., ...}
+     "effective sample fraction": ..., "weight x batch/<domain>": ..., "grad norm": ...,
+     "step time s": ..., "tokens per s": ..., ...}
     {"kind": "eval", "iteration": 50, "domains": {"arxiv": {"loss": ..., "ppl": ...}, ...},
      "loss": ..., "ppl": ...}
     {"kind": "run", ...}   once at the start: configuration, parameter count, world layout

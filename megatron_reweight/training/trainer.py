@@ -50,18 +50,24 @@ class TrainResult:
 
 def make_forward_step(runtime, device: torch.device):
     """Megatron's forward_step_func: read a micro-batch, slice it for context parallelism,
-    run the model; the loss function is bound by the caller (weighted or unweighted)."""
+    run the model. The caller binds `loss_func(batch, output_tensor)` (weighted or unweighted)."""
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     def forward_step(data_iterator, model, loss_func):
         if data_iterator is None:  # a middle pipeline stage: input comes from the previous stage
             return model(None, None, None, labels=None), partial(loss_func, None)
         batch = to_device(next(data_iterator), device)
-        batch = get_batch_on_this_cp_rank({k: batch[k] for k in ("tokens", "labels", "loss_mask", "position_ids")})
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        return output, partial(loss_func, batch["loss_mask"])
+        sequences = get_batch_on_this_cp_rank({k: batch[k] for k in ("tokens", "labels", "loss_mask", "position_ids")})
+        # A blend (several --data-path prefixes) tells each sample's domain; one dataset does not.
+        sequences["dataset_id"] = batch.get("dataset_id")
+        output = model(sequences["tokens"], sequences["position_ids"], None, labels=sequences["labels"])
+        return output, partial(loss_func, sequences)
 
     return forward_step
+
+
+def weighted_loss_func(reweighter: SampleReweighter, batch: dict, output_tensor: torch.Tensor):
+    return reweighter.loss_func(batch["loss_mask"], output_tensor, batch["dataset_id"])
 
 
 def _tokenizer(config: TrainConfig):
@@ -126,7 +132,7 @@ def _train(config: TrainConfig, runtime) -> TrainResult:
         )  # fmt: skip
         mo = build_model_and_optimizer(config, vocab)
         check_megatron_config(mo.transformer_config.calculate_per_token_loss, False)
-        reweighter = SampleReweighter.from_parallel_state(config.reweight)
+        reweighter = SampleReweighter.from_parallel_state(config.reweight, config.data.domains)
 
         state, result = checkpointing.TrainState(), TrainResult(0, 0, "completed")
         loaded = checkpointing.load_checkpoint(config.checkpoint.load, mo, config) if config.checkpoint.load else None
@@ -173,7 +179,11 @@ def _train(config: TrainConfig, runtime) -> TrainResult:
             reweighter.step = state.iteration
             start = time.perf_counter()
             reports, grad_norm, update_successful = _train_step(
-                mo, partial(forward_step, loss_func=reweighter.loss_func), train_iterator, num_microbatches, config
+                mo,
+                partial(forward_step, loss_func=partial(weighted_loss_func, reweighter)),
+                train_iterator,
+                num_microbatches,
+                config,
             )
             state.iteration += 1
             state.consumed_samples += o.global_batch_size
