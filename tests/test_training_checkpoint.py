@@ -112,3 +112,45 @@ def test_tracker_never_names_a_missing_checkpoint(tmp_path):
         read_tracker(tmp_path)
     (tmp_path / "iter_0000040").mkdir()
     assert read_tracker(tmp_path) == 40
+
+
+def test_resume_into_another_tensor_parallel_layout(corpus, tmp_path):
+    """As Megatron-LM: the model and the plain optimizer reshard to the new TP size, the RNG
+    states (one per TP/PP rank) are left out, and the distributed optimizer's default
+    DP-reshardable state is refused with the fix named, unless --no-load-optim."""
+    # Uniform weights: the update does not depend on the DP size, which TP=2 halves here.
+    args = SMALL_MODEL + data_args(corpus, tmp_path / "cache") + [
+        "--train-iters", str(ITERS), "--log-interval", "1", "--eval-iters", "0", "--reweight-strategy", "uniform",
+    ]  # fmt: skip
+    run(2, args + ["--save", str(tmp_path / "reference")])
+    reference, _ = read_metrics(tmp_path / "reference" / "metrics.jsonl")
+
+    plain = tmp_path / "plain"
+    run(2, args + ["--save", str(plain), "--exit-interval", "6"])
+    resumed = run(2, args + ["--save", str(plain), "--load", str(plain), "--tensor-model-parallel-size", "2"])
+    assert "RNG states not loaded (TP 1 PP 1 -> TP 2 PP 1)" in resumed.stdout and "TP 2" in resumed.stdout
+    train, _ = read_metrics(plain / "metrics.jsonl")
+    for iteration in range(7, ITERS + 1):  # Adam's moments moved with the shards
+        for key in ("lm loss", "grad norm"):
+            assert train[iteration][key] == pytest.approx(reference[iteration][key], rel=1e-4), (iteration, key)
+
+    distributed = tmp_path / "distributed"
+    run(2, args + ["--save", str(distributed), "--exit-interval", "6", "--use-distributed-optimizer"])
+    new_layout = args + ["--load", str(distributed), "--use-distributed-optimizer", "--tensor-model-parallel-size", "2"]
+    refused = run(2, new_layout, check=False)
+    assert refused.returncode != 0  # torchrun reports a failed rank as 1
+    assert [line for line in refused.stderr.splitlines() if "error:" in line] == [
+        f"pretrain_llama.py: error: --load {distributed}: the distributed optimizer's dp_reshardable state cannot "
+        "move to another layout (TP 1 PP 1 -> TP 2 PP 1); resume with the saved TP/PP, or add --no-load-optim to "
+        "start the optimizer state afresh (saving with --dist-ckpt-optim-fully-reshardable keeps it across layouts)"
+    ]
+    fresh_optimizer = run(
+        2, new_layout + ["--no-load-optim", "--no-load-rng", "--train-iters", "8", "--save", str(distributed)]
+    )
+    assert "; optimizer state not loaded (--no-load-optim); RNG states not loaded (--no-load-rng)" in (
+        fresh_optimizer.stdout
+    )
+    train, _ = read_metrics(distributed / "metrics.jsonl")
+    # Step 7's loss is the loaded weights' (before any update); the LR schedule continues.
+    assert train[7]["lm loss"] == pytest.approx(reference[7]["lm loss"], rel=1e-5)
+    assert train[8]["lr"] == pytest.approx(reference[8]["lr"], rel=1e-9)

@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--save", type=Path, default=None)
     ck.add_argument("--load", type=Path, default=None)
     ck.add_argument("--save-interval", type=int, default=None)
+    ck.add_argument(
+        "--no-load-optim", action="store_true",
+        help="resume without the optimizer state (fresh Adam moments; iteration and LR schedule continue), "
+        "e.g. to change TP/PP under the distributed optimizer",
+    )  # fmt: skip
+    ck.add_argument("--no-load-rng", action="store_true", help="resume without the saved RNG states")
     ck.add_argument("--exit-duration-in-mins", type=float, default=None)
     ck.add_argument("--exit-interval", type=int, default=None, help="save and exit when iteration %% N == 0")
     ck.add_argument(
@@ -373,6 +379,8 @@ def config_from_args(args: argparse.Namespace, world_size: int | None = None) ->
         exit_signal_handler=args.exit_signal_handler,
         exit_signal=_signal_name(args.exit_signal),
         fully_reshardable_optimizer=args.dist_ckpt_optim_fully_reshardable,
+        load_optimizer=not args.no_load_optim,
+        load_rng=not args.no_load_rng,
     )
     if not hasattr(signal, checkpoint.exit_signal):
         raise ConfigError(f"--exit-signal {args.exit_signal}: unknown signal")

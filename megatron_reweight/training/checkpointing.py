@@ -201,18 +201,23 @@ def _restore_torch_adam_steps(optimizer, optimizer_state) -> None:
                     param_state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
-def _sharded_state_dict(mo, state: TrainState, extra: dict, metadata: dict, is_loading: bool) -> dict:
+def _sharded_state_dict(
+    mo, state: TrainState, extra: dict, metadata: dict, is_loading: bool, optimizer: bool = True, rng: bool = True
+) -> dict:
     model_state = unwrap_model(mo.model[0]).sharded_state_dict(metadata=metadata)
-    return {
+    sharded = {
         "model": model_state,
-        "optimizer": mo.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata),
         "opt_param_scheduler": mo.scheduler.state_dict(),
-        "rng_state": _rng_state(),
         "iteration": state.iteration,
         "consumed_samples": state.consumed_samples,
         "checkpoint_version": CHECKPOINT_VERSION,
         **extra,
     }
+    if optimizer:
+        sharded["optimizer"] = mo.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
+    if rng:
+        sharded["rng_state"] = _rng_state()
+    return sharded
 
 
 def save_checkpoint(root: Path, state: TrainState, mo, config, reweight_config: dict) -> Path:
@@ -250,10 +255,15 @@ def save_checkpoint(root: Path, state: TrainState, mo, config, reweight_config: 
     return final
 
 
-def load_checkpoint(root: Path | None, mo, config) -> tuple[TrainState, dict] | None:
+def load_checkpoint(root: Path | None, mo, config) -> tuple[TrainState, dict, list[str]] | None:
     """Load the tracker's latest checkpoint into model, optimizer, scheduler and RNGs.
 
-    Returns (state, common part of the checkpoint), or None when there is nothing to load."""
+    A checkpoint of another TP/PP layout loads as Megatron-LM's does: the model reshards, the
+    RNG states (one per TP/PP rank) are left out, and the distributed optimizer's state needs
+    the fully reshardable format or `--no-load-optim`.
+
+    Returns (state, common part of the checkpoint, notes on what was left out), or None when
+    there is nothing to load."""
     iteration = read_tracker(root)
     # All ranks must agree (Megatron-LM takes the maximum); -1 = nothing to load.
     found = torch.tensor([-1 if iteration is None else iteration], dtype=torch.long, device=_device())
@@ -268,26 +278,67 @@ def load_checkpoint(root: Path | None, mo, config) -> tuple[TrainState, dict] | 
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or _optimizer_metadata(
         False, config.parallel.use_distributed_optimizer
     )
-    saved_optimizer = "distrib_optim_sharding_type" in metadata
-    if saved_optimizer != config.parallel.use_distributed_optimizer:
-        # The two optimizers' checkpoints differ in structure; Megatron-LM needs a conversion too.
-        raise ConfigError(
-            f"--load {root}: checkpoint saved {'with' if saved_optimizer else 'without'} "
-            f"--use-distributed-optimizer; run with the same setting to resume it"
-        )
+    saved_layout = _saved_layout(common, config)
+    layout = (config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size)
+    layout_note = f"TP {saved_layout[0]} PP {saved_layout[1]} -> TP {layout[0]} PP {layout[1]}"
+    load_optimizer = config.checkpoint.load_optimizer
+    if load_optimizer:
+        _check_optimizer_format(root, metadata, config, saved_layout != layout, layout_note)
+    load_rng = config.checkpoint.load_rng and saved_layout == layout
+    notes = []
+    if not load_optimizer:
+        notes.append("optimizer state not loaded (--no-load-optim)")
+    if not config.checkpoint.load_rng:
+        notes.append("RNG states not loaded (--no-load-rng)")
+    elif not load_rng:
+        notes.append(f"RNG states not loaded ({layout_note})")
+
     state = TrainState(iteration=common["iteration"], consumed_samples=common["consumed_samples"])
-    _materialize_torch_adam_state(mo.optimizer)
-    sharded = _sharded_state_dict(mo, state, {}, metadata, is_loading=True)
+    if load_optimizer:
+        _materialize_torch_adam_state(mo.optimizer)
+    sharded = _sharded_state_dict(mo, state, {}, metadata, is_loading=True, optimizer=load_optimizer, rng=load_rng)
     loaded = dist_checkpointing.load(sharded, str(directory), sharded_strategy=("torch_dist", 1))
 
     with torch.no_grad():  # the fp32 distributed optimizer copies into views of the parameters
         unwrap_model(mo.model[0]).load_state_dict(loaded["model"], strict=True)
-        mo.optimizer.load_state_dict(loaded["optimizer"])
-    _restore_torch_adam_steps(mo.optimizer, loaded["optimizer"])
+        if load_optimizer:
+            mo.optimizer.load_state_dict(loaded["optimizer"])
+        else:
+            # The optimizer's fp32 main weights (bf16 runs) are copies of the parameters.
+            mo.optimizer.reload_model_params()
+    if load_optimizer:
+        _restore_torch_adam_steps(mo.optimizer, loaded["optimizer"])
     mo.scheduler.load_state_dict(loaded["opt_param_scheduler"])
-    _restore_rng_state(loaded["rng_state"])
+    if load_rng:
+        _restore_rng_state(loaded["rng_state"])
     dist.barrier()
-    return state, common
+    return state, common, notes
+
+
+def _saved_layout(common: dict, config) -> tuple[int, int]:
+    """(TP, PP) of the run that saved the checkpoint (this run's if it does not say)."""
+    saved = common.get("train_config", {}).get("parallel", {})
+    return (
+        saved.get("tensor_model_parallel_size", config.parallel.tensor_model_parallel_size),
+        saved.get("pipeline_model_parallel_size", config.parallel.pipeline_model_parallel_size),
+    )
+
+
+def _check_optimizer_format(root, metadata: dict, config, layout_changed: bool, layout_note: str) -> None:
+    saved_distributed = "distrib_optim_sharding_type" in metadata
+    if saved_distributed != config.parallel.use_distributed_optimizer:
+        # The two optimizers' checkpoints differ in structure; Megatron-LM needs a conversion too.
+        raise ConfigError(
+            f"--load {root}: checkpoint saved {'with' if saved_distributed else 'without'} "
+            f"--use-distributed-optimizer; run with the same setting to resume it, or add --no-load-optim"
+        )
+    sharding = metadata.get("distrib_optim_sharding_type")
+    if layout_changed and saved_distributed and sharding != "fully_reshardable":
+        raise ConfigError(
+            f"--load {root}: the distributed optimizer's {sharding} state cannot move to another layout "
+            f"({layout_note}); resume with the saved TP/PP, or add --no-load-optim to start the optimizer "
+            f"state afresh (saving with --dist-ckpt-optim-fully-reshardable keeps it across layouts)"
+        )
 
 
 _MODEL_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")

@@ -172,6 +172,8 @@ class CheckpointConfig:
     exit_signal_handler: bool = True
     exit_signal: str = "SIGTERM"
     fully_reshardable_optimizer: bool = False
+    load_optimizer: bool = True
+    load_rng: bool = True
 
 
 @dataclass

@@ -137,10 +137,11 @@ def _train(config: TrainConfig, runtime) -> TrainResult:
         state, result = checkpointing.TrainState(), TrainResult(0, 0, "completed")
         loaded = checkpointing.load_checkpoint(config.checkpoint.load, mo, config) if config.checkpoint.load else None
         if loaded is not None:
-            state, common = loaded
+            state, common, notes = loaded
             result.checkpoint = str(checkpointing.checkpoint_name(config.checkpoint.load, state.iteration))
             log.print(
                 f"resumed from {result.checkpoint} (iteration {state.iteration}, {state.consumed_samples} samples)"
+                + "".join(f"; {note}" for note in notes)
             )
             changes = checkpointing.data_changes(common, config)
             if changes:
