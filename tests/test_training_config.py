@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from _launch import SMALL_MODEL, data_args, make_corpus
 
+from megatron_reweight.model import transformer_engine_available
 from megatron_reweight.training import PRESETS, ConfigError, build_parser, config_from_args
 from megatron_reweight.training.data import PretrainingSampler, domain_names, padded_vocab_size, parse_blend
 
@@ -141,6 +142,10 @@ def test_bad_input_is_one_line_naming_the_problem(corpus, tmp_path):
         SMALL_MODEL + data + ["--pipeline-model-parallel-size", "4"], world_size=4
     )
     assert "needs --tensor-model-parallel-size > 1" in error(SMALL_MODEL + data + ["--sequence-parallel"])
+    if not transformer_engine_available():
+        assert "--sequence-parallel needs Transformer Engine's layers" in error(
+            SMALL_MODEL + data + ["--sequence-parallel", "--tensor-model-parallel-size", "2"], world_size=2
+        )
     assert "needs --tokenizer-model" in error(SMALL_MODEL + ["--data-path", corpus["prefixes"][0]])
     assert "--min-lr 0.1 is above --lr" in error(SMALL_MODEL + data + ["--min-lr", "0.1"])
     assert "unknown reweighting strategy" in error(SMALL_MODEL + data + ["--reweight-strategy", "nope"]).lower()

@@ -362,6 +362,11 @@ def config_from_args(args: argparse.Namespace, world_size: int | None = None) ->
 
     _check_layout(model, parallel, optim, world_size)
     device = _resolve_device(args)
+    if parallel.sequence_parallel and device.transformer_impl != "transformer_engine":
+        # megatron-core's local spec normalises with torch's RMSNorm, which has no sequence parallelism.
+        raise ConfigError(
+            "--sequence-parallel needs Transformer Engine's layers (--transformer-impl transformer_engine)"
+        )
 
     evaluation = EvalConfig(
         eval_interval=_pick(args.eval_interval, preset.eval_interval),
