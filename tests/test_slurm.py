@@ -279,7 +279,9 @@ def test_time_limit_signal_saves_requeues_and_resumes(cluster, work, fineweb):
     cluster.run(["scancel", "--batch", "--signal=USR1", str(job)])
 
     # The job saves and requeues itself. Slurm holds a requeued job back for a
-    # while (BeginTime); the test skips that wait.
+    # while (BeginTime); the test shortens that wait to 2 s. Not to 0: slurmd
+    # rejects a launch in the same second as the revocation of the previous
+    # attempt's credential ("Job credential revoked"), and the job fails.
     deadline = time.monotonic() + 120
     while (info := cluster.job(job))["Restarts"] != "1" or info["JobState"] not in ("PENDING", "RUNNING"):
         assert info["JobState"] not in cluster.TERMINAL, f"{info}\n{job_output(work, job)}"
@@ -288,6 +290,7 @@ def test_time_limit_signal_saves_requeues_and_resumes(cluster, work, fineweb):
     stopped_at = checkpoint_iteration(run_dir)
     assert 4 <= stopped_at < iters, job_output(work, job)
     if info["JobState"] == "PENDING":
+        time.sleep(2)
         cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
     info = cluster.wait_job(job, timeout=300)[0]
     out = job_output(work, job)
