@@ -102,6 +102,18 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_zero(corpus, tmp_path):
     )
 
 
+def test_time_budget_saves_and_exits_zero(corpus, tmp_path):
+    """--exit-duration-in-mins: Megatron-LM's wall-clock budget, checked after every step."""
+    ckpt = tmp_path / "ckpt"
+    args = SMALL_MODEL + data_args(corpus, tmp_path / "cache") + [
+        "--train-iters", "1000", "--log-interval", "1", "--eval-iters", "0", "--save", str(ckpt),
+        "--exit-duration-in-mins", "0.0001",
+    ]  # fmt: skip
+    result = run(1, args)
+    assert "exiting at iteration 1: reached --exit-duration-in-mins 0.0001" in result.stdout
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "1"
+
+
 def test_tracker_never_names_a_missing_checkpoint(tmp_path):
     from megatron_reweight.training import ConfigError
     from megatron_reweight.training.checkpointing import read_tracker
