@@ -66,6 +66,9 @@ def register_score_strategy(name: str) -> Callable[[Callable[[torch.Tensor, floa
         def weights(losses: torch.Tensor, *, r: float, delta: float) -> torch.Tensor:
             return torch.softmax(score(normalize_losses(losses, delta), delta) / r, dim=0)
 
+        weights.masked_logits = lambda losses, finite, r, delta: (
+            score(normalize_losses(losses, delta, finite), delta) / r
+        )
         register_strategy(name)(weights)
         return score
 
@@ -81,11 +84,15 @@ def available_strategies() -> list[str]:
     return sorted(_STRATEGIES)
 
 
-def normalize_losses(losses: torch.Tensor, delta: float = 1.0) -> torch.Tensor:
-    """Linear map of the batch's losses onto [-delta, delta] (Algorithm 1, line 5).
+def normalize_losses(losses: torch.Tensor, delta: float = 1.0, among: torch.Tensor | None = None) -> torch.Tensor:
+    """Linear map of the batch's losses onto [-delta, delta] (Algorithm 1, line 5), by the
+    min and max of the entries `among` selects (default all).
 
     A batch whose losses are all equal maps to 0, i.e. uniform weights."""
-    low, high = losses.min(), losses.max()
+    if among is None:
+        low, high = losses.min(), losses.max()
+    else:
+        low, high = torch.where(among, losses, torch.inf).min(), torch.where(among, losses, -torch.inf).max()
     spread = high - low
     # Branch-free (no host sync on GPU): a spread within rounding of zero maps to 0.
     flat = spread <= torch.finfo(losses.dtype).eps * high.abs().clamp(min=1.0)
@@ -133,6 +140,13 @@ def compute_weights(
         # float64 keeps the softmax exact enough for tiny temperatures and large batches.
         work = losses.detach().to(torch.float64)
         finite = torch.isfinite(work)
+        masked_logits = getattr(strategy_fn, "masked_logits", None)
+        if masked_logits is not None:
+            # Softmax strategies on a GPU: masks instead of selecting the finite losses, which
+            # would wait for the GPU (a host-device sync) on every microbatch.
+            logits = masked_logits(torch.where(finite, work, 0.0), finite, float(r), float(delta))
+            weights = torch.softmax(torch.where(finite, logits, -torch.inf), dim=0)
+            return torch.nan_to_num(weights, nan=0.0).to(losses.dtype)  # no finite loss: all -inf, NaN
         weights = torch.zeros_like(work)
         if finite.any():
             weights[finite] = strategy_fn(work[finite], r=float(r), delta=float(delta), **strategy_kwargs)
@@ -190,6 +204,9 @@ def _capped(losses: torch.Tensor, *, r: float, delta: float, cap: float = 2.0) -
 @register_strategy("irdro")
 def _irdro(losses: torch.Tensor, *, r: float, delta: float) -> torch.Tensor:
     return torch.softmax(losses / r, dim=0)
+
+
+_irdro.masked_logits = lambda losses, finite, r, delta: losses / r
 
 
 def _fraction_count(fraction: float, count: int, name: str) -> int:

@@ -41,3 +41,25 @@ def test_trainer_on_one_gpu_learns_in_bf16(tmp_path):
     train, evals = read_metrics(ckpt / "metrics.jsonl")
     assert sorted(train) == list(range(1, 21)) and sorted(evals) == [10, 20]
     assert train[20]["lm loss"] < train[1]["lm loss"] - 0.3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("strategy", ["uniform", "linupper", "quadratic", "extremes", "irdro"])
+def test_loss_func_never_waits_for_the_gpu(strategy):
+    """A host-device sync in the loss function would stall every micro-batch between its
+    forward and backward; torch raises on one in "error" mode."""
+    from megatron_reweight import ReweightConfig, SampleReweighter, TemperatureSchedule
+
+    reweighter = SampleReweighter(ReweightConfig(strategy, TemperatureSchedule(r=0.5)), domain_names=["a", "b"])
+    per_token = torch.rand(8, 64, device="cuda", requires_grad=True)
+    loss_mask = (torch.rand(8, 64, device="cuda") < 0.8).float()
+    loss_mask[3] = 0
+    domain_ids = torch.tensor([0, 1] * 4, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, _, _ = reweighter.loss_func(loss_mask, per_token, domain_ids)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(per_token.grad).all()

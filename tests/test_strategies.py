@@ -136,13 +136,25 @@ def test_equal_losses_give_uniform_weights():
         torch.testing.assert_close(weights, torch.full((6,), 1 / 6))
 
 
-def test_non_finite_losses_get_zero_weight_and_the_rest_renormalise():
-    losses = torch.tensor([1.0, math.nan, 3.0, math.inf, 2.0, -math.inf])
-    weights = compute_weights(losses, "linupper", r=0.5)
-    finite = torch.tensor([1.0, 3.0, 2.0])
-    torch.testing.assert_close(weights[[0, 2, 4]], compute_weights(finite, "linupper", r=0.5))
-    assert weights[[1, 3, 5]].tolist() == [0.0, 0.0, 0.0]
-    assert compute_weights(torch.tensor([math.nan, math.nan]), "linupper").tolist() == [0.0, 0.0]
+@pytest.mark.parametrize("strategy", ["uniform", "linupper", "quadratic", "extremes", "irdro", "capped", "midranking"])
+def test_non_finite_losses_get_zero_weight_and_the_rest_renormalise(strategy):
+    finite_at = RNG.permutation(32)[:20]
+    losses = np.full(32, math.nan)
+    losses[finite_at] = LOSSES[:20]
+    losses[RNG.permutation(32)[:4]] = math.nan  # may hit finite places too: re-read below
+    losses[[i for i in range(32) if not np.isfinite(losses[i])][:3]] = [math.inf, -math.inf, math.inf]
+    finite = np.isfinite(losses)
+    weights = compute_weights(torch.tensor(losses), strategy, r=0.5).numpy()
+    np.testing.assert_allclose(
+        weights[finite], compute_weights(torch.tensor(losses[finite]), strategy, r=0.5).numpy(), rtol=1e-12
+    )
+    if strategy in ("uniform", "linupper", "quadratic", "extremes"):
+        np.testing.assert_allclose(weights[finite], paper1_reference(losses[finite], strategy, 0.5, 1.0), rtol=1e-10)
+    if strategy == "irdro":
+        e = np.exp((losses[finite] - losses[finite].max()) / 0.5)
+        np.testing.assert_allclose(weights[finite], e / e.sum(), rtol=1e-10)
+    assert (weights[~finite] == 0).all()
+    assert compute_weights(torch.tensor([math.nan, math.inf]), strategy).tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize(
