@@ -97,10 +97,8 @@ def build_training(cfg: OverheadConfig):
     import torch.distributed as dist
 
     from megatron_reweight.cpu import enable_megatron_core_on_cpu
-    from megatron_reweight.training.cpu_types import report_cuda_tensor_types
 
     enable_megatron_core_on_cpu()
-    report_cuda_tensor_types()  # as the trainer does: megatron's optimizer and clip_grads check type names
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer

@@ -4,8 +4,9 @@ megatron-core asks for CUDA in many places (`torch.cuda.current_device()`,
 `device="cuda"`, `.cuda()`, the model-parallel CUDA RNG tracker). Rather than
 fork it, this module redirects those requests to the CPU:
 
-* a TorchFunctionMode rewrites CUDA device arguments to CPU and makes
-  `Tensor.cuda()` a no-op;
+* a TorchFunctionMode rewrites CUDA device arguments to CPU, makes `Tensor.cuda()` a
+  no-op, and has `Tensor.type()` answer CUDA type names ('torch.cuda.FloatTensor', ...),
+  which megatron-core's optimizers sort parameters by and `clip_grads` asserts;
 * `torch.cuda.current_device` answers device 0 (which the mode maps to CPU),
   `torch.cuda.synchronize` does nothing;
 * the CUDA RNG tracker is backed by the CPU default generator (on CPU every
@@ -38,6 +39,12 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type:
+            if len(args) == 1 and not kwargs:
+                name = func(*args)
+                return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+            if len(args) == 2 and isinstance(args[1], str) and args[1].startswith("torch.cuda."):
+                args = (args[0], args[1].replace("torch.cuda.", "torch.", 1))
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = _CPU
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):

@@ -78,10 +78,8 @@ def initialize(config: TrainConfig) -> Runtime:
         device = torch.device("cuda", local_rank)
     else:
         from megatron_reweight.cpu import enable_megatron_core_on_cpu
-        from megatron_reweight.training.cpu_types import report_cuda_tensor_types
 
         enable_megatron_core_on_cpu()
-        report_cuda_tensor_types()
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group(

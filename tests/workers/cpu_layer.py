@@ -16,6 +16,9 @@ assert torch.empty(3, device="cuda").device.type == "cpu"
 assert torch.zeros(2, device=torch.cuda.current_device()).device.type == "cpu"
 assert torch.ones(2).cuda().device.type == "cpu"
 assert torch.ones(2).to("cuda:0").device.type == "cpu"
+# megatron's optimizers read CUDA type names.
+assert torch.ones(2).type() == "torch.cuda.FloatTensor"
+assert torch.ones(2).type("torch.cuda.HalfTensor").dtype == torch.float16
 
 # The model-parallel RNG tracker forks a reproducible stream that leaves the default one untouched.
 dist.init_process_group("gloo")
