@@ -196,14 +196,11 @@ def domain_weights(
 ) -> dict[str, torch.Tensor]:
     """`weight x batch/<domain>` report pairs [sum over the domain's valid samples, count]: every
     domain in every report (count 0 when absent), so the reduction's keys agree across ranks."""
-    valid = torch.isfinite(losses)
-    ids = domain_ids.to(losses.device).long()
-    return {
-        f"weight x batch/{name}": torch.stack(
-            [torch.where(valid & (ids == d), weights_x_batch.float(), 0.0).sum(), (valid & (ids == d)).sum().float()]
-        )
-        for d, name in enumerate(names)
-    }
+    domains = torch.arange(len(names), device=losses.device)
+    # [domains, b]: sample i is a valid sample of domain d.
+    member = (domain_ids.to(losses.device)[None, :] == domains[:, None]) & torch.isfinite(losses)[None, :]
+    pairs = torch.stack([torch.where(member, weights_x_batch.float(), 0.0).sum(dim=1), member.sum(dim=1).float()], 1)
+    return {f"weight x batch/{name}": pair for name, pair in zip(names, pairs)}
 
 
 def reduce_reports(reports: list[dict[str, torch.Tensor]], group=None) -> dict[str, float]:
