@@ -31,13 +31,14 @@ def _batch_loss_func(batch: dict, output_tensor: torch.Tensor):
 
 
 @torch.no_grad()
-def evaluate(mo, valid_datasets: dict, config, runtime, forward_step) -> dict[str, dict[str, float]]:
+def evaluate(
+    mo, valid_datasets: dict, config, runtime, forward_step, num_microbatches: int
+) -> dict[str, dict[str, float]]:
     """Collective over all ranks. Returns {domain: {"loss", "ppl", "tokens"}} on every rank of
     the last pipeline stage, {} elsewhere."""
     if not valid_datasets or config.eval.eval_iters == 0:
         return {}
     o = config.optim
-    num_microbatches = o.global_batch_size // (o.micro_batch_size * runtime.dp_size)
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     for chunk in mo.model:
         chunk.eval()

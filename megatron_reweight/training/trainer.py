@@ -209,7 +209,7 @@ def _train(config: TrainConfig, runtime) -> TrainResult:
                 state.iteration % config.eval.eval_interval == 0 or state.iteration == o.train_iters
             ):
                 with parameters_synced(mo):
-                    per_domain = evaluate(mo, datasets.valid, config, runtime, forward_step)
+                    per_domain = evaluate(mo, datasets.valid, config, runtime, forward_step, num_microbatches)
                 log.log_eval(state.iteration, per_domain)
                 if runtime.is_logging_rank:
                     result.eval_history.append({"iteration": state.iteration, "domains": per_domain})
