@@ -32,7 +32,7 @@ from pathlib import Path
 
 from benchmarks.results_doc import REPO_ROOT as REPO
 from benchmarks.results_doc import RESULTS_DIR, write_results_section
-from megatron_reweight.launch import local_torchrun
+from megatron_reweight.launch import local_command
 
 DEFAULT_OUT = RESULTS_DIR / "trainer_throughput.json"
 
@@ -43,11 +43,7 @@ def run_once(strategy: str, args: argparse.Namespace, metrics: Path) -> dict:
         "--log-interval", "1", "--eval-iters", "0", "--seed", "1234",
         "--reweight-strategy", strategy, "--metrics-file", str(metrics), *shlex.split(args.extra_args),
     ]  # fmt: skip
-    script = str(REPO / "pretrain_llama.py")
-    if args.nproc == 1:
-        command = [sys.executable, script, *flags]
-    else:
-        command = local_torchrun(args.nproc, [script, *flags])
+    command = local_command(args.nproc, [str(REPO / "pretrain_llama.py"), *flags])
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
     start = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)

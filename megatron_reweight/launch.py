@@ -1,5 +1,5 @@
-"""Multi-process launches on one machine (tests, benchmarks, single-node CPU runs): a free
-loopback port and torchrun's command line."""
+"""Launches on one machine (tests, benchmarks, single-node CPU runs): a free loopback port,
+torchrun's command line, and a plain process for a single rank."""
 
 from __future__ import annotations
 
@@ -21,3 +21,9 @@ def local_torchrun(nproc: int, target: list[str]) -> list[str]:
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
         "--master-addr=127.0.0.1", f"--master-port={free_port()}", *target,
     ]  # fmt: skip
+
+
+def local_command(nproc: int, target: list[str]) -> list[str]:
+    """`local_torchrun`, or for one rank a plain `python` process (the trainer makes itself a
+    world of one)."""
+    return [sys.executable, *target] if nproc == 1 else local_torchrun(nproc, target)

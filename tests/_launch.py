@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy
 from distributed import REPO
 
-from megatron_reweight.launch import local_torchrun
+from megatron_reweight.launch import local_command
 
 VOCAB = 256
 EOD = 0
@@ -91,10 +90,7 @@ def _env() -> dict:
 
 
 def command(nproc: int, args: list[str]) -> list[str]:
-    script = str(REPO / "pretrain_llama.py")
-    if nproc == 1:
-        return [sys.executable, script, *args]
-    return local_torchrun(nproc, [script, *args])
+    return local_command(nproc, [str(REPO / "pretrain_llama.py"), *args])
 
 
 def run(nproc: int, args: list[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
