@@ -58,18 +58,33 @@ def register_strategy(name: str) -> Callable[[WeightStrategy], WeightStrategy]:
     return decorator
 
 
+class _SoftmaxStrategy:
+    """Weights = softmax of per-sample logits over the finite losses.
+
+    `logits(losses, finite, r, delta)` may return anything where `finite` is False. Masking
+    the other losses, rather than selecting the finite ones, keeps the weights free of
+    host-device syncs on a GPU (selection waits for the GPU on every microbatch)."""
+
+    def __init__(self, logits: Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]):
+        self.logits = logits
+
+    def masked(self, losses: torch.Tensor, finite: torch.Tensor, r: float, delta: float) -> torch.Tensor:
+        logits = self.logits(torch.where(finite, losses, 0.0), finite, r, delta)
+        weights = torch.softmax(torch.where(finite, logits, -torch.inf), dim=0)
+        return torch.nan_to_num(weights, nan=0.0)  # no finite loss: all -inf, NaN
+
+    def __call__(self, losses: torch.Tensor, *, r: float, delta: float) -> torch.Tensor:
+        return self.masked(losses, torch.ones_like(losses, dtype=torch.bool), r, delta)
+
+
 def register_score_strategy(name: str) -> Callable[[Callable[[torch.Tensor, float], torch.Tensor]], Callable]:
     """Decorator for paper-1 style strategies: `score(h, delta) -> s` on normalised losses,
     followed by the temperature softmax of Eq. (4)."""
 
     def decorator(score: Callable[[torch.Tensor, float], torch.Tensor]):
-        def weights(losses: torch.Tensor, *, r: float, delta: float) -> torch.Tensor:
-            return torch.softmax(score(normalize_losses(losses, delta), delta) / r, dim=0)
-
-        weights.masked_logits = lambda losses, finite, r, delta: (
-            score(normalize_losses(losses, delta, finite), delta) / r
+        register_strategy(name)(
+            _SoftmaxStrategy(lambda losses, finite, r, delta: score(normalize_losses(losses, delta, finite), delta) / r)
         )
-        register_strategy(name)(weights)
         return score
 
     return decorator
@@ -140,13 +155,8 @@ def compute_weights(
         # float64 keeps the softmax exact enough for tiny temperatures and large batches.
         work = losses.detach().to(torch.float64)
         finite = torch.isfinite(work)
-        masked_logits = getattr(strategy_fn, "masked_logits", None)
-        if masked_logits is not None:
-            # Softmax strategies on a GPU: masks instead of selecting the finite losses, which
-            # would wait for the GPU (a host-device sync) on every microbatch.
-            logits = masked_logits(torch.where(finite, work, 0.0), finite, float(r), float(delta))
-            weights = torch.softmax(torch.where(finite, logits, -torch.inf), dim=0)
-            return torch.nan_to_num(weights, nan=0.0).to(losses.dtype)  # no finite loss: all -inf, NaN
+        if isinstance(strategy_fn, _SoftmaxStrategy):
+            return strategy_fn.masked(work, finite, float(r), float(delta)).to(losses.dtype)
         weights = torch.zeros_like(work)
         if finite.any():
             weights[finite] = strategy_fn(work[finite], r=float(r), delta=float(delta), **strategy_kwargs)
@@ -201,12 +211,8 @@ def _capped(losses: torch.Tensor, *, r: float, delta: float, cap: float = 2.0) -
 # --- Paper 2: IR-DRO and loss-rank selection --------------------------------------------
 
 
-@register_strategy("irdro")
-def _irdro(losses: torch.Tensor, *, r: float, delta: float) -> torch.Tensor:
-    return torch.softmax(losses / r, dim=0)
-
-
-_irdro.masked_logits = lambda losses, finite, r, delta: losses / r
+# Eq. (3): softmax(f_i / r) on the raw losses.
+register_strategy("irdro")(_SoftmaxStrategy(lambda losses, finite, r, delta: losses / r))
 
 
 def _fraction_count(fraction: float, count: int, name: str) -> int:
