@@ -7,8 +7,9 @@ megatron-core's `IndexedDatasetBuilder`, and must produce byte-identical files.
             `tokenizer.encode(text).ids + [eod]`, `builder.add_document(ids, [len(ids)])`.
             Its texts are already in memory (no file reading is timed), which favours it.
 * pipeline  `megatron_reweight.data.prepare` end to end: each worker streams whole parquet files
-            through `datasets`, runs `encode_batch_fast` on ~1 MB batches and writes the shard;
-            then the summary.
+            through `datasets`, tokenises ~1 MB batches and writes the shard; then the summary.
+            Its default backend is tiktoken where that is exact (checking 1 batch in 32 against
+            HF); `pipeline_hf` is the same run with HF tokenizers' `encode_batch_fast`.
 
 Tokenizers run single-threaded (TOKENIZERS_PARALLELISM=false, RAYON_NUM_THREADS=1), so one
 process is one core. The per-core rate is tokens per CPU-second (the process and its workers),
@@ -20,6 +21,9 @@ the projection for 175B tokens on 64 cores is 64 times the per-core rate: it ass
 input data files and storage and network that keep up.
 
 Run:  python -m benchmarks.bench_prepare            (about a minute on 2 CPU cores)
+      python -m benchmarks.bench_prepare --tokenizer sentencepiece-bpe
+            a Llama-2-shaped tokenizer (SentencePiece-style BPE, 32k, byte fallback), trained
+            on the demo corpus: the HF path, as for the 7B run's Llama-2 tokenizer
 Out:  docs/results/bench_prepare.json (or --output)
 """
 
@@ -43,10 +47,12 @@ from functools import partial
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import tiktoken
 import tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from megatron_reweight.data.demo import ensure_demo_data
-from megatron_reweight.data.encoding import load_tokenizer, resolve_eod_id
+from megatron_reweight.data.encoding import load_tokenizer, resolve_eod_id, select_backend
 from megatron_reweight.data.indexed import IndexedDatasetBuilder, files_of, token_dtype
 from megatron_reweight.data.prepare import OutputConfig, PrepareConfig, TokenizerConfig, prepare
 from megatron_reweight.data.sources import InputConfig
@@ -102,11 +108,27 @@ def megatron_lm_loop(texts: list[str], tokenizer_spec: str, prefix: Path) -> Non
     builder.finalize(str(idx_file))
 
 
-def pipeline(files: list[str], tokenizer_spec: str, output_dir: Path, workers: int, merge: bool = False) -> dict:
+def train_sentencepiece_bpe(texts: list[str], path: Path) -> str:
+    """Llama 2's tokenizer.json shape: '▁' for spaces by the normalizer, no pre-tokenizer (the
+    document is one word), BPE over characters with byte fallback, a BOS template; 32k tokens."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # training words only
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{byte:02X}>" for byte in range(256))]
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=32000, special_tokens=specials))
+    tokenizer.pre_tokenizer = None
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.save(str(path))
+    return str(path)
+
+
+def pipeline(
+    files: list[str], tokenizer_spec: str, output_dir: Path, workers: int, backend: str = "auto", merge: bool = False
+) -> dict:
     shutil.rmtree(output_dir, ignore_errors=True)
     config = PrepareConfig(
         InputConfig(files=files),
-        TokenizerConfig(tokenizer_spec),
+        TokenizerConfig(tokenizer_spec, backend=backend),
         OutputConfig(output_dir=output_dir, name="corpus", merge_shards=merge),
         workers=workers,
         progress=False,
@@ -128,7 +150,7 @@ def rates(tokens: int, timing: Timing, processes: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", type=Path, default=REPO_ROOT / "data" / "demo", help="demo corpus folder")
-    parser.add_argument("--tokenizer", help="tokenizer.json to use (default: the demo tokenizer)")
+    parser.add_argument("--tokenizer", help="tokenizer.json to use, or sentencepiece-bpe (default: the demo tokenizer)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--copies", type=int, default=2, help="read the corpus this many times (dilutes start-up)")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "results" / "bench_prepare.json")
@@ -142,20 +164,27 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        runs = {"loop": lambda: megatron_lm_loop(texts, tokenizer_spec, scratch / "loop")}
+        if tokenizer_spec == "sentencepiece-bpe":
+            tokenizer_spec = train_sentencepiece_bpe(texts, scratch / "tokenizer.json")
+        runs = {
+            "loop": lambda: megatron_lm_loop(texts, tokenizer_spec, scratch / "loop"),
+            "pipeline_hf_1_workers": partial(pipeline, files, tokenizer_spec, scratch / "hf", 1, "hf"),
+        }
         for workers in sorted({1, cores}):
             runs[f"pipeline_{workers}_workers"] = partial(
                 pipeline, files, tokenizer_spec, scratch / f"p{workers}", workers
             )
         timings = best_of_interleaved(runs, args.repeats)
         summary = pipeline(files, tokenizer_spec, scratch / "check", cores, merge=True)
+        tokenizer = load_tokenizer(tokenizer_spec)[0]
+        backend = "hf" if select_backend(tokenizer, "auto", add_special_tokens=False) is None else "tiktoken"
         identical = all(
             loop_file.read_bytes() == merged_file.read_bytes()
             for loop_file, merged_file in zip(files_of(scratch / "loop"), files_of(scratch / "check" / "corpus"))
         )
 
     tokens = summary["tokens"]
-    processes = {"loop": 1, "pipeline_1_workers": 1, f"pipeline_{cores}_workers": cores + 1}
+    processes = {"loop": 1, "pipeline_hf_1_workers": 1, "pipeline_1_workers": 1, f"pipeline_{cores}_workers": cores + 1}
     measured = {name: rates(tokens, timing, processes[name]) for name, timing in timings.items()}
     per_core = measured["pipeline_1_workers"]["tokens_per_cpu_s"]
     report = {
@@ -167,9 +196,13 @@ def main() -> None:
             "tokens": tokens,
         },
         "tokenizer": {key: summary["settings"]["tokenizer"][key] for key in ("vocab_size", "sha256")},
+        "pipeline_backend": backend,
         "output_identical_to_loop": identical,
         "results": measured,
         "speedup_per_core": round(per_core / measured["loop"]["tokens_per_cpu_s"], 2),
+        "speedup_per_core_hf_backend": round(
+            measured["pipeline_hf_1_workers"]["tokens_per_cpu_s"] / measured["loop"]["tokens_per_cpu_s"], 2
+        ),
         "projection": {
             "tokens": PROJECTED_TOKENS,
             "cores": PROJECTED_CORES,
@@ -181,8 +214,14 @@ def main() -> None:
             "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(),
             "tokenizers": tokenizers.__version__,
+            "tiktoken": tiktoken.__version__,
         },
-        "command": "python -m benchmarks.bench_prepare" + (" --tokenizer TOKENIZER_JSON" if args.tokenizer else ""),
+        "command": "python -m benchmarks.bench_prepare"
+        + (
+            f" --tokenizer {args.tokenizer if args.tokenizer == 'sentencepiece-bpe' else 'TOKENIZER_JSON'}"
+            if args.tokenizer
+            else ""
+        ),
     }
     print(json.dumps(report, indent=1))
     args.output.parent.mkdir(parents=True, exist_ok=True)

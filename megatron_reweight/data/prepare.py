@@ -38,7 +38,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from megatron_reweight.data.encoding import DocumentEncoder, load_tokenizer, resolve_eod_id, tokenizer_sha256
+from megatron_reweight.data.encoding import (
+    BACKENDS,
+    DocumentEncoder,
+    load_tokenizer,
+    resolve_eod_id,
+    select_backend,
+    tokenizer_sha256,
+)
 from megatron_reweight.data.errors import DataPrepError
 from megatron_reweight.data.indexed import (
     ShardWriter,
@@ -63,6 +70,9 @@ class TokenizerConfig:
     name: str  # a tokenizer.json, a folder holding one, or a Hugging Face Hub repository id
     eod_id: int | None = None  # default: the tokenizer's end-of-document token
     add_special_tokens: bool = False  # let the tokenizer's post-processor add e.g. a BOS token
+    # "auto": tiktoken where it provably gives the tokenizer's ids, else HF; both give the same output,
+    # so this is not part of the run's settings.
+    backend: str = "auto"
 
 
 @dataclass
@@ -118,7 +128,9 @@ def prepare(config: PrepareConfig) -> PreparedData:
     }
     output = OutputDirectory(config.output.output_dir, settings, dtype)
     if output.summary is None:
-        encoder = DocumentEncoder(tokenizer, eod_id, dtype, config.tokenizer.add_special_tokens)
+        add_special_tokens = config.tokenizer.add_special_tokens
+        fast = select_backend(tokenizer, config.tokenizer.backend, add_special_tokens)
+        encoder = DocumentEncoder(tokenizer, eod_id, dtype, add_special_tokens, fast)
         try:
             _write_shards(config, source, encoder, output)
             output.finish(config.output.merge_shards)
@@ -515,6 +527,12 @@ def _parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("--tokenizer", required=True, help="tokenizer.json, a folder with one, or a hub repo id")
     tokenizer.add_argument("--eod-id", type=int, help="end-of-document id (default: <|endoftext|> / the eos token)")
     tokenizer.add_argument("--add-special-tokens", action="store_true", help="let the tokenizer add e.g. BOS")
+    tokenizer.add_argument(
+        "--tokenizer-backend",
+        choices=BACKENDS,
+        default="auto",
+        help="auto (default): tiktoken where it gives the tokenizer's exact ids, else HF tokenizers",
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument("--output-dir", type=Path, required=True)
@@ -540,7 +558,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
             text_field=args.text_field,
             domain_field=args.domain_field,
         ),
-        tokenizer=TokenizerConfig(args.tokenizer, args.eod_id, args.add_special_tokens),
+        tokenizer=TokenizerConfig(args.tokenizer, args.eod_id, args.add_special_tokens, args.tokenizer_backend),
         output=OutputConfig(
             output_dir=args.output_dir,
             name=args.name,
