@@ -50,3 +50,16 @@ def test_corrupt_data_prefix_single_process(corpus, tmp_path):
 def test_layout_errors_under_torchrun_are_printed_once(flags, message, corpus, tmp_path):
     result = run(2, SMALL_MODEL + data_args(corpus, tmp_path / "cache") + flags, check=False)
     assert error_lines(result) == [f"pretrain_llama.py: error: {message}"]
+
+
+def test_save_directory_of_another_run_is_refused(corpus, tmp_path):
+    """Megatron-LM would train afresh and overwrite that run's checkpoints one by one."""
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0000003").mkdir(parents=True)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("3")
+    result = run(1, SMALL_MODEL + data_args(corpus, tmp_path / "cache") + ["--save", str(ckpt)], check=False)
+    assert error_lines(result) == [
+        f"pretrain_llama.py: error: --save {ckpt} holds another run's checkpoints (up to iteration 3); "
+        f"add --load {ckpt} to resume that run, or choose an empty --save directory"
+    ]
+    assert sorted(path.name for path in ckpt.iterdir()) == ["iter_0000003", "latest_checkpointed_iteration.txt"]

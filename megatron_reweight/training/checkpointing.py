@@ -68,6 +68,19 @@ def read_tracker(root: Path | None) -> int | None:
     return iteration
 
 
+def check_save_directory(save: Path | None, load: Path | None) -> None:
+    """Refuse to write over another run's checkpoints. Megatron-LM, given a --save directory with
+    checkpoints and no --load of it, trains afresh and overwrites them one by one."""
+    if save is None:
+        return
+    iteration = _tracked_iteration(save)
+    if iteration is not None and (load is None or Path(load).resolve() != Path(save).resolve()):
+        raise ConfigError(
+            f"--save {save} holds another run's checkpoints (up to iteration {iteration}); add --load {save} "
+            "to resume that run, or choose an empty --save directory"
+        )
+
+
 def _tracked_iteration(root: Path) -> int | None:
     tracker = Path(root) / TRACKER_FILENAME
     try:
@@ -226,8 +239,6 @@ def save_checkpoint(root: Path, state: TrainState, mo, config, reweight_config: 
     final = checkpoint_name(root, state.iteration)
     partial = final.with_name(final.name + _INCOMPLETE_SUFFIX)
     rank = dist.get_rank()
-    if _tracked_iteration(root) == state.iteration:
-        return final  # this exact state is already saved and tracked (e.g. stopped right after a resume)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if partial.exists():

@@ -111,6 +111,7 @@ class _Interval:
 
 def _train(config: TrainConfig, runtime) -> TrainResult:
     o = config.optim
+    checkpointing.check_save_directory(config.checkpoint.save, config.checkpoint.load)  # before logs go there
     log = MetricsLogger(runtime.is_logging_rank, config.logging, _run_name(config), config.to_dict())
     exit_monitor = ExitMonitor(
         config.checkpoint.exit_signal if config.checkpoint.exit_signal_handler else None,
