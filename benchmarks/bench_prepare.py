@@ -8,8 +8,8 @@ megatron-core's `IndexedDatasetBuilder`, and must produce byte-identical files.
             Its texts are already in memory (no file reading is timed), which favours it.
 * pipeline  `megatron_reweight.data.prepare` end to end: each worker streams whole parquet files
             through `datasets`, tokenises ~1 MB batches and writes the shard; then the summary.
-            Its default backend is tiktoken where that is exact (checking 1 batch in 32 against
-            HF); `pipeline_hf` is the same run with HF tokenizers' `encode_batch_fast`.
+            Its default backend is tiktoken where that is exact (checking 1 document in 64
+            against HF); `pipeline_hf` is the same run with HF tokenizers' `encode_batch_fast`.
 
 Tokenizers run single-threaded (TOKENIZERS_PARALLELISM=false, RAYON_NUM_THREADS=1), so one
 process is one core. The per-core rate is tokens per CPU-second (the process and its workers),
@@ -52,9 +52,9 @@ import tokenizers
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from megatron_reweight.data.demo import ensure_demo_data
-from megatron_reweight.data.encoding import load_tokenizer, resolve_eod_id, select_backend
+from megatron_reweight.data.encoding import load_tokenizer, resolve_eod_id
 from megatron_reweight.data.indexed import IndexedDatasetBuilder, files_of, token_dtype
-from megatron_reweight.data.prepare import OutputConfig, PrepareConfig, TokenizerConfig, prepare
+from megatron_reweight.data.prepare import OutputConfig, PrepareConfig, PreparedData, TokenizerConfig, prepare
 from megatron_reweight.data.sources import InputConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -124,7 +124,7 @@ def train_sentencepiece_bpe(texts: list[str], path: Path) -> str:
 
 def pipeline(
     files: list[str], tokenizer_spec: str, output_dir: Path, workers: int, backend: str = "auto", merge: bool = False
-) -> dict:
+) -> PreparedData:
     shutil.rmtree(output_dir, ignore_errors=True)
     config = PrepareConfig(
         InputConfig(files=files),
@@ -133,7 +133,7 @@ def pipeline(
         workers=workers,
         progress=False,
     )
-    return prepare(config).summary
+    return prepare(config)
 
 
 def rates(tokens: int, timing: Timing, processes: int) -> dict:
@@ -175,14 +175,13 @@ def main() -> None:
                 pipeline, files, tokenizer_spec, scratch / f"p{workers}", workers
             )
         timings = best_of_interleaved(runs, args.repeats)
-        summary = pipeline(files, tokenizer_spec, scratch / "check", cores, merge=True)
-        tokenizer = load_tokenizer(tokenizer_spec)[0]
-        backend = "hf" if select_backend(tokenizer, "auto", add_special_tokens=False) is None else "tiktoken"
+        check = pipeline(files, tokenizer_spec, scratch / "check", cores, merge=True)
         identical = all(
             loop_file.read_bytes() == merged_file.read_bytes()
             for loop_file, merged_file in zip(files_of(scratch / "loop"), files_of(scratch / "check" / "corpus"))
         )
 
+    summary = check.summary
     tokens = summary["tokens"]
     processes = {"loop": 1, "pipeline_hf_1_workers": 1, "pipeline_1_workers": 1, f"pipeline_{cores}_workers": cores + 1}
     measured = {name: rates(tokens, timing, processes[name]) for name, timing in timings.items()}
@@ -196,7 +195,7 @@ def main() -> None:
             "tokens": tokens,
         },
         "tokenizer": {key: summary["settings"]["tokenizer"][key] for key in ("vocab_size", "sha256")},
-        "pipeline_backend": backend,
+        "pipeline_backend": check.tokenizer_backend,
         "output_identical_to_loop": identical,
         "results": measured,
         "speedup_per_core": round(per_core / measured["loop"]["tokens_per_cpu_s"], 2),

@@ -228,7 +228,7 @@ def test_backends_write_identical_datasets(tokenizers, corpus, tmp_path, shape, 
     tokenizers[shape].save(str(tokenizer_file))
     outputs = {}
     for backend in ("hf", "tiktoken"):
-        run(corpus, tokenizer_file, tmp_path / backend, backend, add_special_tokens)
+        assert run(corpus, tokenizer_file, tmp_path / backend, backend, add_special_tokens).tokenizer_backend == backend
         outputs[backend] = {path.name: path.read_bytes() for path in (tmp_path / backend).glob("*.[bi][id][nx]")}
     assert outputs["hf"] == outputs["tiktoken"] and len(outputs["hf"]) == 2
 

@@ -101,6 +101,7 @@ class PreparedData:
     output_dir: Path
     summary: dict[str, Any]
     data_path: list[str]  # Megatron --data-path: W1 PREFIX1 W2 PREFIX2 ...
+    tokenizer_backend: str | None = None  # "tiktoken" or "hf"; None when the run was already complete
 
 
 def prepare(config: PrepareConfig) -> PreparedData:
@@ -127,10 +128,12 @@ def prepare(config: PrepareConfig) -> PreparedData:
         },
     }
     output = OutputDirectory(config.output.output_dir, settings, dtype)
+    backend = None
     if output.summary is None:
         add_special_tokens = config.tokenizer.add_special_tokens
         fast = select_backend(tokenizer, config.tokenizer.backend, add_special_tokens)
         encoder = DocumentEncoder(tokenizer, eod_id, dtype, add_special_tokens, fast)
+        backend = "hf" if fast is None else "tiktoken"
         try:
             _write_shards(config, source, encoder, output)
             output.finish(config.output.merge_shards)
@@ -140,7 +143,7 @@ def prepare(config: PrepareConfig) -> PreparedData:
     output.remove_work_files()
     data_path = data_path_of(output.summary, output.path, config.output.domain_weights)
     write_text_atomically(output.path / DATA_PATH_FILE, " ".join(data_path) + "\n")
-    return PreparedData(output.path, output.summary, data_path)
+    return PreparedData(output.path, output.summary, data_path, backend)
 
 
 def _check_numbers(config: PrepareConfig) -> None:
