@@ -82,13 +82,18 @@ def per_sample_losses(
     # torch.where (not a product) so NaN/Inf in masked or faulty tokens cannot leak.
     masked = torch.where(mask, per_token_loss, torch.zeros_like(per_token_loss))
     finite = torch.isfinite(masked)
-    local_sums = torch.where(finite, masked, torch.zeros_like(masked)).sum(dim=1)
-    pieces = torch.stack([local_sums.detach().float(), mask.sum(dim=1).float(), (~finite).any(dim=1).float()])
+    # Summed in fp32 at least: thousands of finite fp16/bf16 tokens overflow a half-precision sum.
+    sum_dtype = torch.promote_types(masked.dtype, torch.float32)
+    local_sums = torch.where(finite, masked, torch.zeros_like(masked)).sum(dim=1, dtype=sum_dtype)
+    faulty = (~finite).any(dim=1) | ~torch.isfinite(local_sums)
+    pieces = torch.stack([local_sums.detach().float(), mask.sum(dim=1).float(), faulty.float()])
     if context_parallel_group is not None and dist.get_world_size(context_parallel_group) > 1:
         dist.all_reduce(pieces, group=context_parallel_group)
     full_sums, token_counts, faulty = pieces
-    valid = (token_counts > 0) & (faulty == 0)
+    valid = (token_counts > 0) & (faulty == 0) & torch.isfinite(full_sums)
     losses = torch.where(valid, full_sums / token_counts.clamp(min=1), torch.full_like(full_sums, math.nan))
+    # An invalid sample's sum may be infinite, and weight 0 x inf would poison the loss.
+    local_sums = torch.where(valid, local_sums, torch.zeros_like(local_sums))
     return SampleLosses(local_sums=local_sums, token_counts=token_counts, losses=losses)
 
 

@@ -108,11 +108,12 @@ def normalize_losses(losses: torch.Tensor, delta: float = 1.0, among: torch.Tens
         low, high = losses.min(), losses.max()
     else:
         low, high = torch.where(among, losses, torch.inf).min(), torch.where(among, losses, -torch.inf).max()
-    spread = high - low
+    # Halved, so differences of losses near the dtype's maximum cannot overflow (exact: powers of 2).
+    half_spread = high / 2 - low / 2
     # Branch-free (no host sync on GPU): a spread within rounding of zero maps to 0.
-    flat = spread <= torch.finfo(losses.dtype).eps * high.abs().clamp(min=1.0)
-    normalised = delta * (2.0 * (losses - low) / torch.where(flat, 1.0, spread) - 1.0)
-    return torch.where(flat, torch.zeros_like(losses), normalised)
+    flat = half_spread <= torch.finfo(losses.dtype).eps / 2 * high.abs().clamp(min=1.0)
+    position = (losses / 2 - low / 2) / torch.where(flat, 1.0, half_spread)  # in [0, 1]
+    return torch.where(flat, torch.zeros_like(losses), delta * (2.0 * position - 1.0))
 
 
 def compute_weights(
@@ -151,6 +152,8 @@ def compute_weights(
     except TypeError as error:
         raise ValueError(f"strategy {strategy!r} does not take options {sorted(strategy_kwargs)}: {error}") from None
 
+    if losses.numel() == 0:  # whatever the strategy: an empty batch gets empty weights
+        return torch.empty_like(losses).detach()
     with torch.no_grad():
         # float64 keeps the softmax exact enough for tiny temperatures and large batches.
         work = losses.detach().to(torch.float64)
@@ -211,8 +214,13 @@ def _capped(losses: torch.Tensor, *, r: float, delta: float, cap: float = 2.0) -
 # --- Paper 2: IR-DRO and loss-rank selection --------------------------------------------
 
 
+def _irdro_logits(losses: torch.Tensor, finite: torch.Tensor, r: float, delta: float) -> torch.Tensor:
+    # Shifted by the largest finite loss (softmax is shift-invariant) so losses / r cannot overflow.
+    return (losses - torch.where(finite, losses, -torch.inf).max()) / r
+
+
 # Eq. (3): softmax(f_i / r) on the raw losses.
-register_strategy("irdro")(_SoftmaxStrategy(lambda losses, finite, r, delta: losses / r))
+register_strategy("irdro")(_SoftmaxStrategy(_irdro_logits))
 
 
 def _fraction_count(fraction: float, count: int, name: str) -> int:
