@@ -194,15 +194,18 @@ def _capped(losses: torch.Tensor, *, r: float, delta: float, cap: float = 2.0) -
     """Proposition 1: w_i = min(C exp(h_i / r), cap / b), the KKT solution of the
     KL-regularised objective under the Theorem 1 bound (cap = 2)."""
     count = losses.numel()
-    if not cap >= 1.0:
-        raise ValueError(f"capped strategy needs cap >= 1 (weights must be able to sum to 1), got {cap}")
+    if not 1.0 <= cap < math.inf:
+        raise ValueError(
+            f"capped strategy needs a finite cap >= 1 (weights must be able to sum to 1; "
+            f"for no cap use strategy 'linupper'), got {cap}"
+        )
     bound = cap / count
     logits = normalize_losses(losses, delta) / r
     capped = torch.zeros_like(logits, dtype=torch.bool)
     # Water-filling: each pass caps the samples over the bound and spreads the remaining
     # mass over the rest in proportion to exp(h/r); at most `count` passes.
     while True:
-        free_mass = 1.0 - bound * capped.sum()
+        free_mass = 1.0 - bound * capped.sum(dtype=logits.dtype)
         weights = torch.full_like(logits, bound)
         weights[~capped] = free_mass * torch.softmax(logits[~capped], dim=0)
         over = (weights > bound * (1 + 1e-12)) & ~capped

@@ -103,6 +103,14 @@ def test_capped_with_small_r_binds_the_cap():
     assert float(weights.max()) == pytest.approx(2 / len(LOSSES))
 
 
+def test_capped_weights_of_float64_losses_sum_to_one_in_float64():
+    losses = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0], dtype=torch.float64)
+    weights = compute_weights(losses, "capped", r=0.1, cap=1.0)  # every sample capped at 1/b
+    assert weights.dtype == torch.float64
+    assert abs(float(weights.sum()) - 1.0) < 1e-14
+    torch.testing.assert_close(weights, torch.full_like(weights, 0.2), rtol=1e-14, atol=0)
+
+
 @pytest.mark.parametrize(
     "strategy, options, kept_ranks",
     [
@@ -168,7 +176,8 @@ def test_non_finite_losses_get_zero_weight_and_the_rest_renormalise(strategy):
         (lambda: compute_weights(torch.ones(4), "linupper", keep_fraction=0.5), "does not take options"),
         (lambda: compute_weights(torch.ones(2, 2), "linupper"), "1-D tensor"),
         (lambda: compute_weights(torch.ones(4, dtype=torch.long), "linupper"), "floating point"),
-        (lambda: compute_weights(torch.ones(4), "capped", cap=0.5), "cap >= 1"),
+        (lambda: compute_weights(torch.ones(4), "capped", cap=0.5), "finite cap >= 1"),
+        (lambda: compute_weights(torch.ones(4), "capped", cap=float("inf")), "finite cap >= 1"),
     ],
 )
 def test_bad_input_is_a_clear_error(call, message):
