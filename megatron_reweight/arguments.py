@@ -42,6 +42,12 @@ def add_reweight_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="midranking/highranking/lowranking: fraction kept (n2)",
     )
     group.add_argument("--reweight-cap", type=float, default=None, help="capped: weight cap in units of 1/b (2)")
+    group.add_argument(
+        "--reweight-skip-nonfinite-samples",
+        action="store_true",
+        help="give a sample with a NaN/Inf loss weight 0 and train on (logged and counted) instead of "
+        "stopping as --check-for-nan-in-loss-and-grad does",
+    )
     return parser
 
 
@@ -62,4 +68,5 @@ def reweight_config_from_args(args: argparse.Namespace) -> ReweightConfig:
         ),
         delta=args.reweight_delta,
         strategy_kwargs={name: value for name, value in options.items() if value is not None},
+        skip_nonfinite_samples=args.reweight_skip_nonfinite_samples,
     )

@@ -21,22 +21,28 @@ this CP rank's share of the token-loss sum and N_i the sample's full token count
   finalize_model_grads divides by the all-reduced token count, here DP * CP * M:
   the same gradient.
 Weights are detached. A sample with no unmasked token or a non-finite loss gets
-weight 0 and its tokens pass no gradient.
+weight 0 and its tokens pass no gradient. With `LossChecks` (Megatron-LM's
+--check-for-nan-in-loss-and-grad) a non-finite loss stops the run as in Megatron, unless
+`skip_nonfinite_samples` is set: then such samples are skipped, counted and logged.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from megatron_reweight.loss_checks import LossChecks
 from megatron_reweight.strategies import compute_weights
 from megatron_reweight.temperature import TemperatureSchedule
 
 # torch 2.13 renamed all_gather_into_tensor (now deprecated, with a warning per call).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +51,8 @@ class ReweightConfig:
     temperature: TemperatureSchedule = field(default_factory=TemperatureSchedule)
     delta: float = 1.0
     strategy_kwargs: dict = field(default_factory=dict)
+    # Train on past a non-finite sample loss (weight 0, logged) instead of stopping at it.
+    skip_nonfinite_samples: bool = False
 
     def __post_init__(self) -> None:
         # Fail at start-up, not at the first step, on a bad strategy or option.
@@ -67,6 +75,7 @@ class SampleLosses:
     local_sums: torch.Tensor  # [b] this CP rank's share of the token-loss sums, carries the gradient
     token_counts: torch.Tensor  # [b] full-sequence unmasked token counts (summed over CP)
     losses: torch.Tensor  # [b] detached full-sequence mean losses; NaN where the sample is invalid
+    nonfinite: torch.Tensor  # [b] bool: a non-finite loss in an unmasked token (on any CP rank)
 
 
 def per_sample_losses(
@@ -94,7 +103,8 @@ def per_sample_losses(
     losses = torch.where(valid, full_sums / token_counts.clamp(min=1), torch.full_like(full_sums, math.nan))
     # An invalid sample's sum may be infinite, and weight 0 x inf would poison the loss.
     local_sums = torch.where(valid, local_sums, torch.zeros_like(local_sums))
-    return SampleLosses(local_sums=local_sums, token_counts=token_counts, losses=losses)
+    nonfinite = (faulty > 0) | ~torch.isfinite(full_sums)
+    return SampleLosses(local_sums=local_sums, token_counts=token_counts, losses=losses, nonfinite=nonfinite)
 
 
 def gather_losses(losses: torch.Tensor, data_parallel_group=None) -> torch.Tensor:
@@ -136,23 +146,28 @@ class SampleReweighter:
     """Builds Megatron `loss_func`s that apply loss-based sample weights.
 
     Set `step` to the current iteration before each forward-backward pass; the
-    temperature schedule is read at that step. `last_losses` / `last_weights` hold the
+    temperature schedule is read at that step. `checks` runs Megatron-LM's loss checks on
+    each microbatch's unweighted loss. `last_losses` / `last_weights` hold the
     gathered batch of the latest microbatch, for diagnostics such as weight histograms."""
 
     def __init__(
         self, config: ReweightConfig, data_parallel_group=None, context_parallel_group=None,
-        domain_names: list[str] | None = None,
+        domain_names: list[str] | None = None, checks: LossChecks | None = None,
     ):  # fmt: skip
         self.config = config
+        self.checks = checks
         self.data_parallel_group = data_parallel_group
         self.context_parallel_group = context_parallel_group
         self.domain_names = domain_names or []
         self.step = 0
         self.last_losses: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
+        self.skipped_samples = 0  # non-finite samples skipped on this rank (skip_nonfinite_samples)
 
     @classmethod
-    def from_parallel_state(cls, config: ReweightConfig, domain_names: list[str] | None = None) -> SampleReweighter:
+    def from_parallel_state(
+        cls, config: ReweightConfig, domain_names: list[str] | None = None, checks: LossChecks | None = None
+    ) -> SampleReweighter:
         from megatron.core import parallel_state
 
         return cls(
@@ -160,6 +175,7 @@ class SampleReweighter:
             data_parallel_group=parallel_state.get_data_parallel_group(with_context_parallel=False),
             context_parallel_group=parallel_state.get_context_parallel_group(),
             domain_names=domain_names,
+            checks=checks,
         )
 
     def _group_size(self, group) -> int:
@@ -187,13 +203,35 @@ class SampleReweighter:
         loss = scale * (local_weights * pieces.local_sums / pieces.token_counts.clamp(min=1)).sum()
         num_tokens = torch.ones((), dtype=torch.int, device=loss.device)
 
-        # Unweighted, as Megatron reports it, so runs with and without reweighting compare.
-        report = {"lm loss": torch.stack([pieces.local_sums.detach().sum().float(), loss_mask.sum().float()])}
+        # Unweighted, as Megatron reports it, so runs with and without reweighting compare;
+        # over the valid samples only (invalid ones have local sum 0), numerator and denominator alike.
+        lm_loss_sum = pieces.local_sums.detach().sum().float()
+        lm_loss_tokens = torch.where(torch.isfinite(pieces.losses), loss_mask.sum(dim=1), 0).sum().float()
+        self._check(output_tensor, loss_mask, pieces, lm_loss_sum)
+        report = {"lm loss": torch.stack([lm_loss_sum, lm_loss_tokens])}
         # [value, count] pairs: Megatron sums them over microbatches and DP x CP ranks, then divides.
         report.update(weight_statistics(gathered, weights))
         if self.domain_names and domain_ids is not None:
             report.update(domain_weights(pieces.losses, local_weights * weights.numel(), domain_ids, self.domain_names))
         return loss, num_tokens, report
+
+    def _check(self, output_tensor, loss_mask, pieces: SampleLosses, finite_loss_sum: torch.Tensor) -> None:
+        if self.config.skip_nonfinite_samples:
+            # One host sync per microbatch, as Megatron's own NaN check costs.
+            skipped = int(pieces.nonfinite.sum())
+            if skipped:
+                self.skipped_samples += skipped
+                logger.warning(
+                    f"rank {dist.get_rank() if dist.is_initialized() else 0}: skipped {skipped} sample(s) with a "
+                    f"non-finite loss at iteration {self.step} ({self.skipped_samples} so far on this rank; "
+                    f"skip_nonfinite_samples is on)"
+                )
+        if self.checks is None:
+            return
+        if self.config.skip_nonfinite_samples:
+            self.checks.validate(finite_loss_sum)
+        else:  # the loss pretrain_gpt.py's loss_func checks
+            self.checks.validate(torch.sum(output_tensor.view(-1).float() * loss_mask.view(-1).float()))
 
 
 def domain_weights(

@@ -9,6 +9,7 @@ import torch
 from megatron_reweight import ReweightConfig, SampleReweighter, TemperatureSchedule, compute_weights
 from megatron_reweight.arguments import add_reweight_args, reweight_config_from_args
 from megatron_reweight.loss import check_megatron_config, per_sample_losses, reduce_reports
+from megatron_reweight.loss_checks import LossChecks
 
 
 def token_losses(weight=None, batch: int = 6, seq: int = 10):
@@ -87,6 +88,53 @@ def test_non_finite_sample_gets_zero_weight_and_never_poisons_gradients(fault):
     sample_losses = (per_token[keep] * mask[keep]).sum(1) / mask[keep].sum(1)
     (compute_weights(sample_losses.detach(), "linupper", r=0.5) * sample_losses).sum().backward()
     torch.testing.assert_close(actual, weight.grad)
+
+
+def test_lm_loss_report_leaves_a_skipped_sample_out_of_numerator_and_denominator():
+    _, per_token = token_losses()
+    mask = mask_of()
+    poisoned = per_token.detach().clone()
+    poisoned[3, 4], mask[3, 4] = math.nan, 1.0
+    _, _, report = reweighter().loss_func(mask, poisoned)
+    keep = [0, 1, 2, 4, 5]
+    expected = torch.stack([(per_token[keep] * mask[keep]).sum(), mask[keep].sum()]).detach()
+    torch.testing.assert_close(report["lm loss"], expected)
+
+
+def checked_reweighter(skip: bool, nan_and_inf: bool = True):
+    config = ReweightConfig("linupper", TemperatureSchedule(r=0.5), skip_nonfinite_samples=skip)
+    return SampleReweighter(config, checks=LossChecks(nan_and_inf=nan_and_inf))
+
+
+@pytest.mark.parametrize(
+    "fault, masked, message",
+    [(math.nan, False, "found NaN"), (math.inf, False, "found Inf"), (math.inf, True, "found NaN")],  # inf x 0 is NaN
+)
+def test_loss_checks_stop_at_a_non_finite_loss_as_megatron_does(fault, masked, message, monkeypatch):
+    if not torch.cuda.is_available():  # megatron-core's error message names the CUDA device
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    _, per_token = token_losses()
+    mask = mask_of()
+    poisoned = per_token.detach().clone()
+    poisoned[3, 4], mask[3, 4] = fault, float(not masked)  # pretrain_gpt.py sums losses x mask: NaN x 0 is NaN
+    with pytest.raises(RuntimeError, match=f"{message} in local forward loss calculation"):
+        checked_reweighter(skip=False).loss_func(mask, poisoned)
+    checked_reweighter(skip=False, nan_and_inf=False).loss_func(mask, poisoned)  # --no-check-for-nan-in-loss-and-grad
+
+
+def test_skip_mode_trains_past_a_non_finite_sample_and_counts_and_logs_it(caplog):
+    weight, per_token = token_losses()
+    mask = mask_of()
+    poison = torch.zeros_like(per_token)
+    poison[3, 4], mask[3, 4] = math.nan, 1.0
+    skipping = checked_reweighter(skip=True)
+    skipping.step = 7
+    loss, _, report = skipping.loss_func(mask, per_token + poison)
+    loss.backward()
+    assert torch.isfinite(weight.grad).all() and report["reweight skipped samples"][0] == 1
+    skipping.loss_func(mask, per_token.detach() + poison)
+    assert skipping.skipped_samples == 2
+    assert "skipped 1 sample(s) with a non-finite loss at iteration 7 (2 so far" in caplog.text
 
 
 def test_faults_in_masked_tokens_are_ignored():
@@ -197,5 +245,7 @@ def test_command_line_flags_build_the_config():
     assert config.strategy == "midranking"
     assert config.temperature == TemperatureSchedule(r=0.4, warmup_steps=500)
     assert config.strategy_kwargs == {"skip_fraction": 0.1, "keep_fraction": 0.5}
+    assert not config.skip_nonfinite_samples
+    assert reweight_config_from_args(parser.parse_args(["--reweight-skip-nonfinite-samples"])).skip_nonfinite_samples
     with pytest.raises(ValueError, match="unknown reweighting strategy"):
         reweight_config_from_args(parser.parse_args(["--reweight-strategy", "bogus"]))
