@@ -114,6 +114,47 @@ def write_text_atomically(path: Path, text: str) -> None:
     os.replace(tmp_path, path)
 
 
+def index_inconsistency(
+    lengths: np.ndarray, pointers: np.ndarray, document_indices: np.ndarray, itemsize: int, bin_size: int
+) -> str | None:
+    """What is wrong inside an index, or None: every sequence must start where the previous one
+    ends (pointers are byte offsets, lengths are tokens), the last must end at the .bin's size, and
+    the document boundaries must run from 0 to the sequence count without going back.
+
+    Vectorised in chunks (bounded memory on memory-mapped arrays of any size)."""
+    count = len(lengths)
+    if len(pointers) != count:
+        return f"{count} sequence lengths but {len(pointers)} pointers"
+    if count and pointers[0] != 0:
+        return f"the first sequence starts at byte {int(pointers[0])}, not 0"
+    for start in range(0, count, _CHECK_CHUNK):
+        stop = min(start + _CHECK_CHUNK, count)
+        chunk_lengths = lengths[start:stop].astype(np.int64)
+        ends = pointers[start:stop] + chunk_lengths * itemsize
+        next_starts = np.empty_like(ends)
+        next_starts[:-1] = pointers[start + 1 : stop]
+        next_starts[-1] = pointers[stop] if stop < count else bin_size
+        bad = np.flatnonzero((ends != next_starts) | (chunk_lengths < 0))
+        if len(bad):
+            i = start + int(bad[0])
+            following = "the .bin's end" if i == count - 1 else f"sequence {i + 1}'s start"
+            return (
+                f"sequence {i} has length {int(lengths[i])} (ends at byte {int(ends[bad[0]])}) but "
+                f"{following} is byte {int(next_starts[bad[0]])}"
+            )
+    if len(document_indices) == 0 or document_indices[0] != 0 or document_indices[-1] != count:
+        bounds = f"{int(document_indices[0])}..{int(document_indices[-1])}" if len(document_indices) else "none"
+        return f"document boundaries {bounds} do not span the {count} sequences"
+    for start in range(0, len(document_indices) - 1, _CHECK_CHUNK):
+        steps = np.diff(document_indices[start : start + _CHECK_CHUNK + 1])
+        if (steps < 0).any():
+            return f"document {start + int(np.flatnonzero(steps < 0)[0])}'s boundaries go backwards"
+    return None
+
+
+_CHECK_CHUNK = 1 << 22  # entries per vectorised step: 32 MiB of int64 temporaries
+
+
 def remove_dataset(prefix: Path) -> None:
     for path in files_of(prefix):
         path.unlink(missing_ok=True)

@@ -17,14 +17,12 @@ reaches the budget, in input order (data file order, then row order).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import math
 import multiprocessing
 import os
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -47,6 +45,7 @@ from megatron_reweight.data.encoding import (
     tokenizer_sha256,
 )
 from megatron_reweight.data.errors import DataPrepError
+from megatron_reweight.data.lock import folder_lock
 from megatron_reweight.data.indexed import (
     ShardWriter,
     merge,
@@ -56,13 +55,13 @@ from megatron_reweight.data.indexed import (
     write_text_atomically,
 )
 from megatron_reweight.data.sources import Document, DocumentSource, InputConfig
+from megatron_reweight.processes import die_with_parent
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 DATA_PATH_FILE = "data_path.txt"
 WORK_DIR = ".prepare"
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass
@@ -127,22 +126,23 @@ def prepare(config: PrepareConfig) -> PreparedData:
             "merge_shards": config.output.merge_shards,
         },
     }
-    output = OutputDirectory(config.output.output_dir, settings, dtype)
-    backend = None
-    if output.summary is None:
-        add_special_tokens = config.tokenizer.add_special_tokens
-        fast = select_backend(tokenizer, config.tokenizer.backend, add_special_tokens)
-        encoder = DocumentEncoder(tokenizer, eod_id, dtype, add_special_tokens, fast)
-        backend = "hf" if fast is None else "tiktoken"
-        try:
-            _write_shards(config, source, encoder, output)
-            output.finish(config.output.merge_shards)
-        except BaseException:
-            output.abandon()
-            raise
-    output.remove_work_files()
-    data_path = data_path_of(output.summary, output.path, config.output.domain_weights)
-    write_text_atomically(output.path / DATA_PATH_FILE, " ".join(data_path) + "\n")
+    with folder_lock(Path(config.output.output_dir)):
+        output = OutputDirectory(config.output.output_dir, settings, dtype)
+        backend = None
+        if output.summary is None:
+            add_special_tokens = config.tokenizer.add_special_tokens
+            fast = select_backend(tokenizer, config.tokenizer.backend, add_special_tokens)
+            encoder = DocumentEncoder(tokenizer, eod_id, dtype, add_special_tokens, fast)
+            backend = "hf" if fast is None else "tiktoken"
+            try:
+                _write_shards(config, source, encoder, output)
+                output.finish(config.output.merge_shards)
+            except BaseException:
+                output.abandon()
+                raise
+        output.remove_work_files()
+        data_path = data_path_of(output.summary, output.path, config.output.domain_weights)
+        write_text_atomically(output.path / DATA_PATH_FILE, " ".join(data_path) + "\n")
     return PreparedData(output.path, output.summary, data_path, backend)
 
 
@@ -266,8 +266,7 @@ _worker_job: ShardJob | None = None
 def _set_worker_job(job: ShardJob) -> None:
     global _worker_job
     _worker_job = job
-    if sys.platform == "linux":  # die with the main process: a killed run must leave no writer behind
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent(job.progress.main_pid)  # a killed run must leave no writer behind
 
 
 def _tokenize_shard_in_worker(task: tuple[int, int | None]) -> dict[str, Any]:
@@ -337,6 +336,8 @@ class OutputDirectory:
     <dir>/.prepare/settings.json      the settings the shards were made with
     <dir>/.prepare/shard_<n>.json     manifest of shard n: its datasets, counts, token limit
     <dir>/.prepare/tmp/<n>/           shard n being written (wiped when a run starts)
+    <dir>/.prepare/tmp/<domain>.*     a domain's merged dataset being written
+    <dir>/.prepare.lock               held while a run works here: its host and PID
     <dir>/summary.json                written last: the run is complete
     <dir>/data_path.txt               the Megatron --data-path line
     """
@@ -379,6 +380,7 @@ class OutputDirectory:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomically(self.work_dir / "settings.json", json.dumps(self.settings, indent=1))
         shutil.rmtree(self.tmp_dir, ignore_errors=True)  # what a killed run was writing
+        self.tmp_dir.mkdir()  # also where the merge writes, when every shard was already committed
 
     def new_shard(self, index: int) -> ShardWriter:
         tmp_dir = self.tmp_dir / f"{index:05d}"

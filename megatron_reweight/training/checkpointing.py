@@ -30,6 +30,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
 
+from megatron_reweight.processes import bind_checkpoint_writer_to_this_process
 from megatron_reweight.training.errors import ConfigError
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -251,6 +252,7 @@ def save_checkpoint(root: Path, state: TrainState, mo, config, reweight_config: 
     )
     extra = {"train_config": config.to_dict(), "reweight_config": reweight_config}
     sharded = _sharded_state_dict(mo, state, extra, metadata, is_loading=False)
+    bind_checkpoint_writer_to_this_process()
     dist_checkpointing.save(sharded, str(partial), sharded_strategy=("torch_dist", 1), content_metadata=metadata)
     dist.barrier()
 
