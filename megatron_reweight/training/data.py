@@ -24,6 +24,7 @@ import numpy
 import torch
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from megatron_reweight.data.indexed import index_inconsistency
 from megatron_reweight.training.errors import ConfigError
 
 # Special-token spellings of "end of document" in common tokenizer.json files.
@@ -215,10 +216,16 @@ def check_indexed_dataset(prefix: str) -> int:
     pointers = numpy.memmap(
         idx_path, dtype=numpy.int64, mode="r", offset=header_size + 4 * sequences, shape=(sequences,)
     )
+    document_indices = numpy.memmap(
+        idx_path, dtype=numpy.int64, mode="r", offset=header_size + 12 * sequences, shape=(documents,)
+    )
     expected = int(pointers[-1]) + int(lengths[-1]) * itemsize
     actual = os.path.getsize(bin_path)
     if actual != expected:
         raise corrupt(f"{bin_path} has {actual} bytes, its index expects {expected}")
+    problem = index_inconsistency(lengths, pointers, document_indices, itemsize, actual)
+    if problem:
+        raise corrupt(f"{idx_path}: {problem}; rebuild it")
     return documents - 1
 
 

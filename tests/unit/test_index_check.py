@@ -71,3 +71,14 @@ def test_index_pointer_and_document_faults_are_caught(prefix, chunk):
     size = os.path.getsize(f"{prefix}.bin")
     message = index_inconsistency(index.sequence_lengths, index.sequence_pointers, short, 4, size)
     assert message == f"document boundaries 0..{sequences - 1} do not span the {sequences} sequences"
+
+
+def test_trainer_refuses_an_index_whose_length_disagrees_with_its_pointers(prefix):
+    """The trainer's start-up check of every --data-path prefix (it trained on silently before)."""
+    from megatron_reweight.training.data import check_indexed_dataset
+    from megatron_reweight.training.errors import ConfigError
+
+    assert check_indexed_dataset(prefix) == len(DOCUMENTS)
+    overwrite(prefix, HEADER + 4 * 2, struct.pack("<i", 3 * len(DOCUMENTS[2])))
+    with pytest.raises(ConfigError, match=rf"{prefix}: corrupt indexed dataset \(.*sequence 2 has length 24 .*rebuild"):
+        check_indexed_dataset(prefix)
