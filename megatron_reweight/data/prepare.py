@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from megatron_reweight.data.domains import SUMMARY_FILE
 from megatron_reweight.data.encoding import (
     BACKENDS,
     DocumentEncoder,
@@ -59,7 +60,6 @@ from megatron_reweight.processes import die_with_parent
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.json"
 DATA_PATH_FILE = "data_path.txt"
 WORK_DIR = ".prepare"
 
