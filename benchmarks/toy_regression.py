@@ -50,18 +50,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.plot_style import COLORS, LABELS
 from benchmarks.results_doc import RESULTS_DIR, write_results_section
 from megatron_reweight import compute_weights
 
 STRATEGIES = ("uniform", "linupper", "quadratic", "extremes", "capped", "irdro")
-LABELS = {
-    "uniform": "Uniform",
-    "linupper": "LinUpper",
-    "quadratic": "Quadratic",
-    "extremes": "Extremes",
-    "capped": "Capped (Prop. 1)",
-    "irdro": "IR-DRO (KL-DRO)",
-}
 # A run whose test loss passes this is counted as diverged and stopped.
 DIVERGED_LOSS = 1e8
 
@@ -277,14 +270,6 @@ def plot(cfg: ToyConfig, results: dict, out_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     summary, dro_lr = results["summary"], results["dro_learning_rate"]
-    colors = {
-        "uniform": "black",
-        "linupper": "tab:blue",
-        "quadratic": "tab:green",
-        "extremes": "tab:orange",
-        "capped": "tab:purple",
-        "irdro": "tab:red",
-    }
     references = results["least_squares_reference"]
 
     def band(ax, steps, curves, label, color, style="-", geometric=True):
@@ -313,13 +298,13 @@ def plot(cfg: ToyConfig, results: dict, out_dir: Path) -> list[str]:
     for strategy in cfg.strategies:
         entry = summary[run_key(strategy, cfg.learning_rate)]
         if entry["diverged_seeds"]:
-            ax_loss.plot([], [], color=colors[strategy], label=f"{LABELS[strategy]}: {diverged_label(entry)}")
+            ax_loss.plot([], [], color=COLORS[strategy], label=f"{LABELS[strategy]}: {diverged_label(entry)}")
             continue
         curves = np.array(entry["test_loss_per_seed"])
-        band(ax_loss, entry["eval_steps"], curves, LABELS[strategy], colors[strategy])
-        band(ax_ratio, entry["eval_steps"], curves / uniform, LABELS[strategy], colors[strategy], geometric=False)
+        band(ax_loss, entry["eval_steps"], curves, LABELS[strategy], COLORS[strategy])
+        band(ax_ratio, entry["eval_steps"], curves / uniform, LABELS[strategy], COLORS[strategy], geometric=False)
         ax_share.plot(
-            entry["eval_steps"][1:], entry["outlier_weight_share_mean"], color=colors[strategy], label=LABELS[strategy]
+            entry["eval_steps"][1:], entry["outlier_weight_share_mean"], color=COLORS[strategy], label=LABELS[strategy]
         )
     ax_loss.axhline(
         np.exp(np.mean(np.log(references["all_points"]))),
@@ -374,18 +359,18 @@ def plot(cfg: ToyConfig, results: dict, out_dir: Path) -> list[str]:
             entry["eval_steps"],
             np.array(entry["test_loss_per_seed"]),
             f"{LABELS[strategy]}, lr={cfg.learning_rate:g}",
-            colors[strategy],
+            COLORS[strategy],
         )
     shared = summary[run_key("irdro", cfg.learning_rate)]
     if shared["diverged_seeds"]:
-        ax.plot([], [], color=colors["irdro"], label=f"IR-DRO, lr={cfg.learning_rate:g}: {diverged_label(shared)}")
+        ax.plot([], [], color=COLORS["irdro"], label=f"IR-DRO, lr={cfg.learning_rate:g}: {diverged_label(shared)}")
     else:
         band(
             ax,
             shared["eval_steps"],
             np.array(shared["test_loss_per_seed"]),
             f"IR-DRO, lr={cfg.learning_rate:g}",
-            colors["irdro"],
+            COLORS["irdro"],
         )
     if dro_lr is not None:
         entry = summary[run_key("irdro", dro_lr)]
@@ -394,7 +379,7 @@ def plot(cfg: ToyConfig, results: dict, out_dir: Path) -> list[str]:
             entry["eval_steps"],
             np.array(entry["test_loss_per_seed"]),
             f"IR-DRO, lr={dro_lr:g}",
-            colors["irdro"],
+            COLORS["irdro"],
             "--",
         )
     ax.set(
