@@ -20,6 +20,9 @@ this CP rank's share of the token-loss sum and N_i the sample's full token count
 * per-token loss on: the schedule keeps the raw loss, DDP sums, and
   finalize_model_grads divides by the all-reduced token count, here DP * CP * M:
   the same gradient.
+In the global-batch window (megatron_reweight.window) the weights of all M micro-batches
+sum to 1 together and the loss is also multiplied by M: gradient = sum_i w_i grad f_i over
+the global batch.
 Weights are detached. A sample with no unmasked token or a non-finite loss gets
 weight 0 and its tokens pass no gradient. With `LossChecks` (Megatron-LM's
 --check-for-nan-in-loss-and-grad) a non-finite loss stops the run as in Megatron, unless
@@ -45,6 +48,11 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 logger = logging.getLogger(__name__)
 
 
+# The samples weighted together: those of one micro-batch across DP, or the whole global batch
+# of the step (all micro-batches, all DP ranks; megatron_reweight.window runs such a step).
+WINDOWS = ("micro-batch", "global-batch")
+
+
 @dataclass
 class ReweightConfig:
     strategy: str = "uniform"
@@ -53,10 +61,13 @@ class ReweightConfig:
     strategy_kwargs: dict = field(default_factory=dict)
     # Train on past a non-finite sample loss (weight 0, logged) instead of stopping at it.
     skip_nonfinite_samples: bool = False
+    window: str = "micro-batch"
 
     def __post_init__(self) -> None:
         # Fail at start-up, not at the first step, on a bad strategy or option.
         compute_weights(torch.zeros(2), self.strategy, r=1.0, delta=self.delta, **self.strategy_kwargs)
+        if self.window not in WINDOWS:
+            raise ValueError(f"unknown weighting window {self.window!r}; choose one of {', '.join(WINDOWS)}")
 
 
 def check_megatron_config(calculate_per_token_loss: bool, average_in_collective: bool) -> None:
@@ -147,8 +158,9 @@ class SampleReweighter:
 
     Set `step` to the current iteration before each forward-backward pass; the
     temperature schedule is read at that step. `checks` runs Megatron-LM's loss checks on
-    each microbatch's unweighted loss. `last_losses` / `last_weights` hold the
-    gathered batch of the latest microbatch, for diagnostics such as weight histograms."""
+    each microbatch's unweighted loss. `last_losses` / `last_weights` hold the latest
+    weighting window (a micro-batch across DP, or the whole global batch), for diagnostics
+    such as weight histograms."""
 
     def __init__(
         self, config: ReweightConfig, data_parallel_group=None, context_parallel_group=None,
@@ -163,6 +175,7 @@ class SampleReweighter:
         self.last_losses: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
         self.skipped_samples = 0  # non-finite samples skipped on this rank (skip_nonfinite_samples)
+        self.window = None  # set by megatron_reweight.window while it runs a global-batch step
 
     @classmethod
     def from_parallel_state(
@@ -190,16 +203,46 @@ class SampleReweighter:
         `domain_ids` ([b], a blend's `dataset_id`), with `domain_names` set, adds the mean
         weight x batch of each domain's samples to the report (below 1: down-weighted)."""
         pieces = per_sample_losses(output_tensor, loss_mask, self.context_parallel_group)
-        dp_size = self._group_size(self.data_parallel_group)
-        dp_rank = 0 if dp_size == 1 else dist.get_rank(self.data_parallel_group)
+        if self.window is not None:
+            return self.window.loss_func(output_tensor, loss_mask, domain_ids, pieces)
+        if self.config.window != "micro-batch":
+            raise RuntimeError(
+                f"the {self.config.window} window weighs a whole step at once: run the step with "
+                "megatron_reweight.window.forward_backward, not the schedule alone"
+            )
+        return self.micro_batch_loss(output_tensor, loss_mask, domain_ids, pieces)
+
+    def micro_batch_loss(self, output_tensor, loss_mask, domain_ids, pieces: SampleLosses):
+        """Weights over this micro-batch's samples on every DP rank, gathered now."""
         gathered = gather_losses(pieces.losses, self.data_parallel_group)
-        weights = compute_weights(
-            gathered, self.config.strategy, r=self.temperature(), delta=self.config.delta, **self.config.strategy_kwargs
-        )
-        self.last_losses, self.last_weights = gathered, weights
+        weights = self.weigh(gathered)
         batch = pieces.losses.numel()
-        local_weights = weights[dp_rank * batch : (dp_rank + 1) * batch].to(pieces.local_sums.dtype)
-        scale = dp_size * self._group_size(self.context_parallel_group)
+        dp_rank = self.data_parallel_rank()
+        local_weights = weights[dp_rank * batch : (dp_rank + 1) * batch]
+        return self.weighted_loss(output_tensor, loss_mask, domain_ids, pieces, local_weights)
+
+    def data_parallel_rank(self) -> int:
+        return 0 if self._group_size(self.data_parallel_group) == 1 else dist.get_rank(self.data_parallel_group)
+
+    def weigh(self, window_losses: torch.Tensor) -> torch.Tensor:
+        """compute_weights on all losses of a window, at this step's temperature."""
+        weights = compute_weights(
+            window_losses, self.config.strategy, r=self.temperature(), delta=self.config.delta,
+            **self.config.strategy_kwargs,
+        )  # fmt: skip
+        self.last_losses, self.last_weights = window_losses, weights
+        return weights
+
+    def weighted_loss(
+        self, output_tensor, loss_mask, domain_ids, pieces: SampleLosses, local_weights: torch.Tensor,
+        microbatches_per_window: int = 1,
+    ):  # fmt: skip
+        """The loss_func result for this rank's samples with weights from `weigh`. The weights
+        of a window spanning several micro-batches sum to 1 over all of them, so the factor
+        `microbatches_per_window` undoes the schedule's division by the micro-batch count."""
+        scale = microbatches_per_window * self._group_size(self.data_parallel_group)
+        scale *= self._group_size(self.context_parallel_group)
+        local_weights = local_weights.to(pieces.local_sums.dtype)
         loss = scale * (local_weights * pieces.local_sums / pieces.token_counts.clamp(min=1)).sum()
         num_tokens = torch.ones((), dtype=torch.int, device=loss.device)
 
@@ -210,9 +253,10 @@ class SampleReweighter:
         self._check(output_tensor, loss_mask, pieces, lm_loss_sum)
         report = {"lm loss": torch.stack([lm_loss_sum, lm_loss_tokens])}
         # [value, count] pairs: Megatron sums them over microbatches and DP x CP ranks, then divides.
-        report.update(weight_statistics(gathered, weights))
+        report.update(weight_statistics(self.last_losses, self.last_weights))
         if self.domain_names and domain_ids is not None:
-            report.update(domain_weights(pieces.losses, local_weights * weights.numel(), domain_ids, self.domain_names))
+            weights_x_batch = local_weights * self.last_weights.numel()
+            report.update(domain_weights(pieces.losses, weights_x_batch, domain_ids, self.domain_names))
         return loss, num_tokens, report
 
     def _check(self, output_tensor, loss_mask, pieces: SampleLosses, finite_loss_sum: torch.Tensor) -> None:

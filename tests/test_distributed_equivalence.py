@@ -1,11 +1,14 @@
 """The weighted loss under every parallel layout equals a single-process reference.
 
 The real tiny Llama GPTModel runs through megatron's schedules, DDP and
-finalize_model_grads under torchrun (gloo). Each layout checks, on every rank and for
-every loss mode (calculate_per_token_loss on/off, average_in_collective on/off), that
-the weights equal those one process computes on the same gathered batch and that the
-gradient shards equal the reference gradient of (1/M) sum_m sum_i w_i f_i.
-See tests/workers/equivalence.py.
+finalize_model_grads under torchrun (gloo). Each layout checks, on every rank, for both
+weighting windows and every loss mode (calculate_per_token_loss on/off, average_in_collective
+on/off), that the weights equal those one process computes on the same samples and that the
+gradient shards equal the reference gradient: (1/M) sum_m sum_i w_i f_i with weights per
+micro-batch across DP, sum_i w_i f_i with weights over the whole global batch. Negative
+controls: the per-micro-batch window's weights differ from the global-batch window's; with
+dropout on, two plain forward passes differ while the global-batch window's two passes agree
+exactly. See tests/workers/equivalence.py.
 """
 
 from pathlib import Path

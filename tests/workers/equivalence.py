@@ -1,14 +1,17 @@
 """One rank of the distributed-equivalence test (run under torchrun, gloo on CPU).
 
 --phase reference (1 process): builds the tiny Llama GPTModel, saves its weights and a
-global batch, and computes with plain autograd the papers' gradient
-    (1/M) sum_m sum_i w_{m,i} grad f_i,   f_i = masked mean token loss of sample i,
-with w_m = compute_weights over microbatch m's gathered batch (micro-batch x DP samples).
+global batch, and computes with plain autograd the papers' gradient for each weighting window:
+    micro-batch:   (1/M) sum_m sum_i w_{m,i} grad f_i,  w_m = compute_weights over micro-batch
+                   m's gathered batch (micro-batch x DP samples);
+    global-batch:  sum_i w_i grad f_i,  w = compute_weights over all M x micro-batch x DP losses;
+f_i = masked mean token loss of sample i.
 
 --phase layout (TP x PP x CP x DP processes): loads the same weights into its shard,
 trains one step through megatron's schedules, DDP and finalize_model_grads with the
-reweighting loss_func, for each loss mode, and checks every rank's weights and
-gradient shards against the reference.
+reweighting loss_func, for each window and loss mode, and checks every rank's weights and
+gradient shards against the reference. With dropout on, the global-batch window's two passes
+must see the same per-sample losses.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.utils import get_batch_on_this_cp_rank
 
-from megatron_reweight import ReweightConfig, SampleReweighter, TemperatureSchedule, compute_weights
-from megatron_reweight.loss import check_megatron_config, per_sample_losses
+from megatron_reweight import ReweightConfig, SampleReweighter, TemperatureSchedule, compute_weights, window
+from megatron_reweight.loss import WINDOWS, check_megatron_config, per_sample_losses
 from megatron_reweight.model import LlamaShape, build_llama, llama_transformer_config, transformer_engine_available
 
 SHAPE = LlamaShape(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
@@ -84,18 +87,30 @@ def reference(args) -> None:
 
     tokens, loss_mask = tokens.cuda(), loss_mask.cuda()  # no-ops on CPU
     positions = torch.arange(SHAPE.seq_length).expand(samples, -1).cuda()
-    per_token = model(tokens[:, :-1], positions, None, labels=tokens[:, 1:])
     counts = loss_mask.sum(dim=1)
     valid = counts > 0
-    sample_loss = (per_token * loss_mask).sum(dim=1) / counts.clamp(min=1)
-    weights = microbatch_weights(torch.where(valid, sample_loss.detach(), torch.nan), args)
-    objective = (weights.flatten() * torch.where(valid, sample_loss, 0.0)).sum() / args.microbatches
-    objective.backward()
+
+    def sample_losses():  # f_i with autograd (0 where invalid); megatron's cross-entropy backward runs once
+        per_token = model(tokens[:, :-1], positions, None, labels=tokens[:, 1:])
+        return torch.where(valid, (per_token * loss_mask).sum(dim=1) / counts.clamp(min=1), 0.0)
+
+    losses = torch.where(valid, sample_losses().detach(), torch.nan)
+    # Rows are in the sampler's order (micro-batch, DP rank, sample): the global window is all of them.
+    weights = {
+        "micro-batch": microbatch_weights(losses, args),
+        "global-batch": compute_weights(losses, args.strategy, r=args.r),
+    }
+    microbatch_share = {"micro-batch": 1 / args.microbatches, "global-batch": 1.0}
+    names, params = zip(*model.named_parameters())
+    grads = {}
+    for window_name in WINDOWS:
+        objective = (weights[window_name].flatten() * sample_losses()).sum() * microbatch_share[window_name]
+        grads[window_name] = dict(zip(names, torch.autograd.grad(objective, params)))
 
     torch.save(
         {
-            "weights_init": {name: p.detach().clone() for name, p in model.named_parameters()},
-            "grads": {name: p.grad.clone() for name, p in model.named_parameters()},
+            "weights_init": {name: p.detach().clone() for name, p in zip(names, params)},
+            "grads": grads,
             "tokens": tokens,
             "loss_mask": loss_mask,
             "sample_weights": weights,
@@ -156,11 +171,10 @@ def check_negative_control(output_tensor, loss_mask, expected_local_weights) -> 
     assert not torch.allclose(wrong, expected_local_weights, atol=1e-4), "negative control: world gather matched"
 
 
-def check_loss_mode(args, reference_data: dict, per_token_loss: bool, average_in_collective: bool) -> None:
-    """One training step in this loss mode; assert weights and gradient shards equal the reference."""
-    mode = f"per_token_loss={per_token_loss} average_in_collective={average_in_collective}"
-    check_megatron_config(per_token_loss, average_in_collective)
+def build_ddp_model(args, reference_data: dict, per_token_loss: bool, average_in_collective: bool, dropout=0.0):
+    """This rank's shard of the reference model, wrapped in megatron's DDP as a trainer does."""
     config = llama_transformer_config(SHAPE, calculate_per_token_loss=per_token_loss)
+    config.hidden_dropout = config.attention_dropout = dropout
     model = build_llama(SHAPE, config, use_transformer_engine=USE_TE)
     initial = local_reference(reference_data["weights_init"], model, args)
     with torch.no_grad():
@@ -171,19 +185,11 @@ def check_loss_mode(args, reference_data: dict, per_token_loss: bool, average_in
     )
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp_model.no_sync
+    return model, ddp_model
 
-    expected_weights = reference_data["sample_weights"]
-    dp_rank = parallel_state.get_data_parallel_rank()
-    expected_local = expected_weights.view(args.microbatches, args.data_parallel, MICRO_BATCH)[:, dp_rank]
-    reweighter = SampleReweighter.from_parallel_state(ReweightConfig(args.strategy, TemperatureSchedule(r=args.r)))
-    recorded = []
 
-    def loss_func(loss_mask, output_tensor):
-        result = reweighter.loss_func(loss_mask, output_tensor)
-        recorded.append(reweighter.last_weights.clone())
-        if args.negative_control:
-            check_negative_control(output_tensor, loss_mask, expected_local[len(recorded) - 1])
-        return result
+def train_step(args, reference_data: dict, ddp_model, reweighter: SampleReweighter, loss_func) -> list[dict]:
+    """One forward-backward step over the reference batch in the reweighter's window."""
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -191,7 +197,9 @@ def check_loss_mode(args, reference_data: dict, per_token_loss: bool, average_in
         return output, partial(loss_func, batch["loss_mask"])
 
     ddp_model.zero_grad_buffer()
-    get_forward_backward_func()(
+    return window.forward_backward(
+        reweighter,
+        get_forward_backward_func(),
         forward_step_func=forward_step,
         data_iterator=microbatches(reference_data, args),
         model=[ddp_model],
@@ -200,16 +208,89 @@ def check_loss_mode(args, reference_data: dict, per_token_loss: bool, average_in
         micro_batch_size=MICRO_BATCH,
     )
 
+
+def check_loss_mode(args, reference_data: dict, window_name: str, per_token_loss: bool, average_in_collective: bool):
+    """One training step in this window and loss mode; assert weights and gradient shards equal
+    the reference. Returns the step's weights on the last pipeline stage (one row per window)."""
+    mode = f"{window_name} window, per_token_loss={per_token_loss} average_in_collective={average_in_collective}"
+    check_megatron_config(per_token_loss, average_in_collective)
+    model, ddp_model = build_ddp_model(args, reference_data, per_token_loss, average_in_collective)
+    expected_weights = reference_data["sample_weights"][window_name]
+    dp_rank = parallel_state.get_data_parallel_rank()
+    reweighter = SampleReweighter.from_parallel_state(
+        ReweightConfig(args.strategy, TemperatureSchedule(r=args.r), window=window_name)
+    )
+    recorded = []
+
+    def loss_func(loss_mask, output_tensor):
+        result = reweighter.loss_func(loss_mask, output_tensor)
+        if window_name == "micro-batch":  # each micro-batch is its own window
+            recorded.append(reweighter.last_weights.clone())
+            if args.negative_control:
+                expected_local = expected_weights.view(args.microbatches, args.data_parallel, MICRO_BATCH)[:, dp_rank]
+                check_negative_control(output_tensor, loss_mask, expected_local[len(recorded) - 1])
+        return result
+
+    train_step(args, reference_data, ddp_model, reweighter, loss_func)
+
+    weights = None
     if parallel_state.is_pipeline_last_stage():
-        torch.testing.assert_close(
-            torch.stack(recorded), expected_weights, rtol=1e-4, atol=1e-6, msg=lambda m: f"weights, {mode}: {m}"
-        )
-    expected_grads = local_reference(reference_data["grads"], model, args)
+        weights = torch.stack(recorded) if window_name == "micro-batch" else reweighter.last_weights
+        torch.testing.assert_close(weights, expected_weights, rtol=1e-4, atol=1e-6, msg=lambda m: f"weights, {mode}: {m}")
+    expected_grads = local_reference(reference_data["grads"][window_name], model, args)
     for name, param in model.named_parameters():
         # Relative to the tensor's norm: fp32 sums in another order differ by ~1e-7 of it,
         # a wrong scaling (x DP, x CP, x microbatches) by 0.5 or more.
         error = (param.main_grad - expected_grads[name]).norm() / expected_grads[name].norm()
         assert error < GRADIENT_TOLERANCE, f"grad {name}, {mode}: relative error {error:.2e}"
+    return weights
+
+
+def check_windows_differ(weights: dict, args) -> None:
+    """Negative control: on the same step the per-micro-batch weights (as shares of the whole
+    step, divided by M) are not the global-batch window's."""
+    per_microbatch = weights["micro-batch"].flatten() / args.microbatches
+    assert not torch.allclose(per_microbatch, weights["global-batch"], rtol=1e-3, atol=1e-6), (
+        "negative control: the micro-batch window gave the global-batch window's weights"
+    )
+
+
+def forward_only_losses(args, reference_data: dict, ddp_model) -> torch.Tensor | None:
+    """Per-sample losses of one plain forward-only pass over the step (last stage; else None)."""
+    recorded = []
+
+    def loss_func(loss_mask, output_tensor):
+        losses = per_sample_losses(output_tensor, loss_mask, parallel_state.get_context_parallel_group()).losses
+        recorded.append(losses)
+        return losses.sum(), torch.ones((), dtype=torch.int), {}
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(loss_func, batch["loss_mask"])
+
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=microbatches(reference_data, args), model=[ddp_model],
+            num_microbatches=args.microbatches, seq_length=SHAPE.seq_length, micro_batch_size=MICRO_BATCH,
+            forward_only=True,
+        )  # fmt: skip
+    return torch.cat(recorded) if recorded else None
+
+
+def check_replayed_randomness(args, reference_data: dict) -> None:
+    """With dropout on, pass 2 of the global-batch window recomputes pass 1's per-sample losses
+    exactly (the RNG states were restored: same masks), while two plain passes draw other masks."""
+    _, ddp_model = build_ddp_model(args, reference_data, False, False, dropout=0.3)
+    reweighter = SampleReweighter.from_parallel_state(
+        ReweightConfig(args.strategy, TemperatureSchedule(r=args.r), window="global-batch")
+    )
+    reports = train_step(args, reference_data, ddp_model, reweighter, reweighter.loss_func)
+    plain = [forward_only_losses(args, reference_data, ddp_model) for _ in range(2)]
+    if parallel_state.is_pipeline_last_stage():
+        drift = torch.stack([report["window loss drift"][0] for report in reports])
+        assert len(reports) == args.microbatches and torch.all(drift == 0), f"window loss drift {drift.tolist()}"
+        assert not torch.allclose(plain[0], plain[1], equal_nan=True), "negative control: dropout drew the same masks"
 
 
 def layout(args) -> None:
@@ -219,7 +300,10 @@ def layout(args) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reference_data = torch.load(args.workdir / "reference.pt", map_location=device)
     for per_token_loss, average_in_collective in LOSS_MODES:
-        check_loss_mode(args, reference_data, per_token_loss, average_in_collective)
+        weights = {w: check_loss_mode(args, reference_data, w, per_token_loss, average_in_collective) for w in WINDOWS}
+    if parallel_state.is_pipeline_last_stage():
+        check_windows_differ(weights, args)
+    check_replayed_randomness(args, reference_data)
     print(f"rank {dist.get_rank()}: weights and gradients match the reference")
 
 
