@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -46,6 +47,7 @@ import torch
 from benchmarks.results_doc import REPO_ROOT, RESULTS_DIR, write_results_section
 from megatron_reweight.launch import local_torchrun
 
+DEFAULT_OUT = RESULTS_DIR / "overhead.json"
 PLAIN = "plain"
 # A second, identical plain variant: the A/A control. Its ratio to plain shows how finely
 # this machine can resolve a step-time difference at all.
@@ -54,8 +56,16 @@ PLAIN_REPEAT = "plain-repeat"
 
 @dataclass(frozen=True)
 class OverheadConfig:
-    preset: str = "tiny"  # model shape and batch sizes of the trainer's tiny preset
+    preset: str = "tiny"  # model shape and batch sizes of one of the trainer's presets
     vocab_size: int = 4096
+    # cpu: fp32, megatron-core through megatron_reweight.cpu, gloo. cuda: one GPU per rank, NCCL,
+    # bf16 with fp32 main weights and Transformer Engine layers when importable, as the trainer.
+    device: str = "cpu"
+    # None: the preset's.
+    num_layers: int | None = None
+    seq_length: int | None = None
+    micro_batch_size: int | None = None
+    num_microbatches: int | None = None
     variants: tuple[str, ...] = (
         PLAIN,
         PLAIN_REPEAT,
@@ -93,61 +103,77 @@ def plain_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def build_training(cfg: OverheadConfig):
-    """Tiny Llama + megatron DDP + megatron Adam on CPU; returns what a step needs."""
+    """A Llama GPTModel + megatron DDP + megatron Adam, on CPU or one GPU per rank; returns
+    what a step needs."""
     import torch.distributed as dist
 
-    from megatron_reweight.cpu import enable_megatron_core_on_cpu
+    on_gpu = cfg.device == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        from megatron_reweight.cpu import enable_megatron_core_on_cpu
 
-    enable_megatron_core_on_cpu()
+        enable_megatron_core_on_cpu()
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.module import Float16Module
 
-    from megatron_reweight.model import LlamaShape, build_llama, llama_transformer_config
+    from megatron_reweight.model import LlamaShape, build_llama, llama_transformer_config, transformer_engine_available
     from megatron_reweight.training.config import PRESETS
 
-    dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if on_gpu else "gloo")
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(cfg.seed)
     preset = PRESETS[cfg.preset]
     shape = LlamaShape(
-        num_layers=preset.num_layers,
+        num_layers=cfg.num_layers or preset.num_layers,
         hidden_size=preset.hidden_size,
         ffn_hidden_size=preset.ffn_hidden_size,
         num_attention_heads=preset.num_attention_heads,
         num_query_groups=preset.num_query_groups,
-        seq_length=preset.seq_length,
+        seq_length=cfg.seq_length or preset.seq_length,
         vocab_size=cfg.vocab_size,
     )
-    config = llama_transformer_config(shape)
-    model = build_llama(shape, config, use_transformer_engine=False)
-    model = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+    config = llama_transformer_config(shape, bf16=on_gpu)
+    model = build_llama(shape, config, use_transformer_engine=on_gpu and transformer_engine_available())
+    if on_gpu:
+        model = Float16Module(config, model.cuda())  # bf16 parameters, fp32 losses: as Megatron-LM's get_model
+    model = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=on_gpu), model)
     config.finalize_model_grads_func = finalize_model_grads  # DDP grad all-reduce inside the schedule
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=preset.lr, weight_decay=preset.weight_decay, clip_grad=preset.clip_grad),
+        OptimizerConfig(
+            optimizer="adam", lr=preset.lr, weight_decay=preset.weight_decay, clip_grad=preset.clip_grad,
+            bf16=on_gpu, params_dtype=torch.bfloat16 if on_gpu else torch.float32,
+        ),
         [model],
-    )
-    dp_size = dist.get_world_size()
-    num_microbatches = preset.global_batch_size // (preset.micro_batch_size * dp_size)
-    return model, optimizer, shape, preset.micro_batch_size, num_microbatches
+    )  # fmt: skip
+    micro_batch_size = cfg.micro_batch_size or preset.micro_batch_size
+    num_microbatches = cfg.num_microbatches or preset.global_batch_size // (micro_batch_size * dist.get_world_size())
+    return model, optimizer, shape, micro_batch_size, num_microbatches
 
 
-def make_batches(shape, micro_batch_size: int, count: int, seed: int) -> list[dict]:
+def synchronize(cfg: OverheadConfig) -> None:
+    """Wait for the GPU's queued work, so that a wall-clock reading covers it."""
+    if cfg.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_batches(shape, micro_batch_size: int, count: int, seed: int, device: str) -> list[dict]:
     """Random tokens; the cost of a step does not depend on the token values."""
     gen = torch.Generator().manual_seed(seed)
     positions = torch.arange(shape.seq_length).expand(micro_batch_size, -1)
     batches = []
     for _ in range(count):
         tokens = torch.randint(0, shape.vocab_size, (micro_batch_size, shape.seq_length + 1), generator=gen)
-        batches.append(
-            {
-                "tokens": tokens[:, :-1],
-                "labels": tokens[:, 1:],
-                "loss_mask": torch.ones(micro_batch_size, shape.seq_length),
-                "position_ids": positions,
-            }
-        )
+        batch = {
+            "tokens": tokens[:, :-1],
+            "labels": tokens[:, 1:],
+            "loss_mask": torch.ones(micro_batch_size, shape.seq_length),
+            "position_ids": positions,
+        }
+        batches.append({k: v.to(device) for k, v in batch.items()})
     return batches
 
 
@@ -171,7 +197,7 @@ def time_training_steps(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     forward_backward = get_forward_backward_func()
-    batches = make_batches(shape, micro_batch_size, num_microbatches, cfg.seed + dist.get_rank())
+    batches = make_batches(shape, micro_batch_size, num_microbatches, cfg.seed + dist.get_rank(), cfg.device)
 
     def forward_step(loss_func, data_iterator, model):
         batch = next(data_iterator)
@@ -179,6 +205,7 @@ def time_training_steps(
         return output, partial(loss_func, batch["loss_mask"])
 
     def train_step(loss_func) -> float:
+        synchronize(cfg)
         dist.barrier()
         start = time.perf_counter()
         model.zero_grad_buffer()
@@ -193,6 +220,7 @@ def time_training_steps(
             forward_only=False,
         )
         optimizer.step()
+        synchronize(cfg)
         return time.perf_counter() - start
 
     order_rng = np.random.default_rng(cfg.seed)  # same seed on every rank: same order
@@ -202,7 +230,7 @@ def time_training_steps(
             variant = cfg.variants[index]
             times[variant].append(train_step(funcs[variant]))
     # A step takes as long as its slowest rank.
-    stacked = torch.tensor([times[v] for v in cfg.variants], dtype=torch.float64)
+    stacked = torch.tensor([times[v] for v in cfg.variants], dtype=torch.float64, device=cfg.device)
     dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
     return {v: stacked[i, cfg.warmup_rounds :].tolist() for i, v in enumerate(cfg.variants)}
 
@@ -213,28 +241,32 @@ def time_loss_functions(cfg: OverheadConfig, shape, micro_batch_size, funcs) -> 
 
     gen = torch.Generator().manual_seed(cfg.seed + 1 + dist.get_rank())
     token_losses = (
-        torch.rand(micro_batch_size, shape.seq_length, generator=gen, dtype=torch.float32) * 8
+        (torch.rand(micro_batch_size, shape.seq_length, generator=gen, dtype=torch.float32) * 8).to(cfg.device)
     ).requires_grad_()
-    loss_mask = torch.ones(micro_batch_size, shape.seq_length)
+    loss_mask = torch.ones(micro_batch_size, shape.seq_length, device=cfg.device)
     order_rng = np.random.default_rng(cfg.seed + 1)
     times = {variant: [] for variant in cfg.variants}
     chunk = 20  # calls per timing: long enough for the clock, short enough to interleave finely
     for _ in range(cfg.loss_func_repeats // chunk):
         for index in order_rng.permutation(len(cfg.variants)):
             variant = cfg.variants[index]
+            synchronize(cfg)
             dist.barrier()
             start = time.perf_counter()
             for _ in range(chunk):
                 loss, _, _ = funcs[variant](loss_mask, token_losses)
                 loss.backward()
+            synchronize(cfg)
             times[variant].append((time.perf_counter() - start) / chunk)
-    stacked = torch.tensor([times[v] for v in cfg.variants], dtype=torch.float64)
+    stacked = torch.tensor([times[v] for v in cfg.variants], dtype=torch.float64, device=cfg.device)
     dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
     return {v: stacked[i].tolist() for i, v in enumerate(cfg.variants)}
 
 
 def worker(cfg: OverheadConfig, out: Path) -> None:
     import torch.distributed as dist
+
+    from megatron_reweight.model import transformer_engine_available
 
     torch.set_num_threads(cfg.threads_per_rank)
     model, optimizer, shape, micro_batch_size, num_microbatches = build_training(cfg)
@@ -252,6 +284,8 @@ def worker(cfg: OverheadConfig, out: Path) -> None:
                     "seq_length": shape.seq_length,
                     "model_shape": asdict(shape),
                     "parameters": parameters,
+                    "device": cfg.device,
+                    "transformer_engine": cfg.device == "cuda" and transformer_engine_available(),  # as build_training
                     "step_times_s": step_times,
                     "loss_func_times_s": loss_func_times,
                 }
@@ -263,11 +297,12 @@ def worker(cfg: OverheadConfig, out: Path) -> None:
 # --- parent: launch, summarise, analyse -----------------------------------------------------
 
 
-def launch(dp_size: int, out: Path, rounds: int) -> None:
+def launch(cfg: OverheadConfig, dp_size: int, out: Path) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    env["OMP_NUM_THREADS"] = str(OverheadConfig.threads_per_rank)
+    env["OMP_NUM_THREADS"] = str(cfg.threads_per_rank)
     command = local_torchrun(
-        dp_size, ["-m", "benchmarks.overhead", "--worker", "--worker-out", str(out), "--worker-rounds", str(rounds)]
+        dp_size,
+        ["-m", "benchmarks.overhead", "--worker", "--worker-out", str(out), "--worker-config", json.dumps(asdict(cfg))],
     )
     subprocess.run(command, cwd=REPO_ROOT, env=env, check=True)
 
@@ -504,39 +539,59 @@ def markdown_section(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "overhead.json")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON (the default also updates docs/results.md)")
     parser.add_argument("--dp-sizes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=OverheadConfig.rounds)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=OverheadConfig.device)
+    parser.add_argument("--preset", default=OverheadConfig.preset, help="model shape and batch (a trainer preset)")
+    parser.add_argument("--vocab-size", type=int, default=OverheadConfig.vocab_size)
+    for name in ("num_layers", "seq_length", "micro_batch_size", "num_microbatches"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, help="default: the preset's")
+    parser.add_argument("--variants", nargs="+", default=list(OverheadConfig.variants))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--worker-rounds", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-config", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        worker(OverheadConfig(rounds=args.worker_rounds or OverheadConfig.rounds), args.worker_out)
+        values = json.loads(args.worker_config)
+        worker(OverheadConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}), args.worker_out)
         return
 
-    cfg = OverheadConfig(rounds=args.rounds)
+    from megatron_reweight.training.config import PRESETS
+
+    if args.preset not in PRESETS:
+        parser.error(f"--preset {args.preset}: choose one of {', '.join(PRESETS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU visible")
+    if args.rounds <= OverheadConfig.warmup_rounds:
+        parser.error(f"--rounds must exceed the {OverheadConfig.warmup_rounds} warm-up rounds it discards")
+    if not {PLAIN, PLAIN_REPEAT, "uniform"} <= set(args.variants):
+        parser.error(f"--variants must include {PLAIN}, {PLAIN_REPEAT} and uniform (the baselines)")
+    cfg = OverheadConfig(
+        rounds=args.rounds, device=args.device, preset=args.preset, vocab_size=args.vocab_size,
+        num_layers=args.num_layers, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+        num_microbatches=args.num_microbatches, variants=tuple(args.variants),
+    )  # fmt: skip
     start = time.perf_counter()
     load_before = os.getloadavg()  # a shared machine: say how busy it was
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for dp_size in args.dp_sizes:
             out = Path(tmp) / f"dp{dp_size}.json"
-            launch(dp_size, out, cfg.rounds)
+            launch(cfg, dp_size, out)
             runs.append(summarise(cfg, json.loads(out.read_text())))
     sbatch = REPO_ROOT / "examples" / "slurm" / "llama7b_fineweb175b.sbatch"
     layout = layout_from_sbatch(sbatch)
     report = {
         "benchmark": "overhead",
-        "command": "python -m benchmarks.overhead"
-        + ("" if args.rounds == OverheadConfig.rounds else f" --rounds {args.rounds}"),
+        "command": " ".join(["python -m benchmarks.overhead", *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": {
             "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
-            "device": "cpu",
+            "device": torch.cuda.get_device_name() if cfg.device == "cuda" else "cpu",
             "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
         },
         "runtime_seconds": round(time.perf_counter() - start, 1),
@@ -551,7 +606,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    if args.out.resolve().parent == RESULTS_DIR:
+    if args.out.resolve() == DEFAULT_OUT:
         write_results_section("overhead", markdown_section(report), "overhead")
     for run in runs:
         plain = run["variants"][PLAIN]

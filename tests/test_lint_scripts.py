@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHELL_SCRIPTS = sorted((REPO / "examples" / "slurm").glob("*.sbatch")) + [REPO / "examples" / "slurm" / "common.sh"]
+SHELL_SCRIPTS = sorted((REPO / "examples" / "slurm").glob("*.sbatch")) + [
+    REPO / "examples" / "slurm" / "common.sh",
+    REPO / "scripts" / "gpu_check.sh",
+]
 DOCKERFILES = [REPO / "docker" / "Dockerfile"]
 
 
