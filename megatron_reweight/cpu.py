@@ -14,9 +14,20 @@ fork it, this module redirects those requests to the CPU:
 
 It is active only after `enable_megatron_core_on_cpu()` and only when CUDA is
 absent; it is tested against the pinned megatron-core version (0.16.1).
+
+`enable_megatron_lm_on_cpu()` adds what Megatron-LM's own training loop (core_v0.16.1,
+`megatron.training`) needs on top, for tests that run its unmodified pretrain_gpt.py on CPU:
+`initialize_megatron` without its CUDA assertion, one "device" so model-parallel groups are
+built and the RNG tracker seeded, no dataset-helper or fused-kernel compilation (the wheel
+ships the helpers compiled; the kernels need nvcc), no-op CUDA streams, and no torch.compile
+(Megatron-LM warms up its fused kernels at start-up, which on CPU runs a C++ compiler in every
+process, for kernels that the CPU flags --no-bias-*-fusion leave unused).
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -75,3 +86,35 @@ def enable_megatron_core_on_cpu() -> None:
 def megatron_core_on_cpu() -> bool:
     """True when this process runs megatron-core through the CPU redirection."""
     return _enabled_mode is not None
+
+
+class _NoStream:
+    """torch.cuda.Stream on CPU: every operation is already ordered."""
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+def enable_megatron_lm_on_cpu() -> None:
+    """`enable_megatron_core_on_cpu()` plus Megatron-LM's training loop (idempotent; no-op with CUDA).
+    Call before `megatron.training.pretrain` runs."""
+    if torch.cuda.is_available():
+        return
+    enable_megatron_core_on_cpu()
+    import megatron.core.datasets.utils as dataset_utils
+    import megatron.legacy.fused_kernels as fused_kernels
+    import megatron.training.training as training
+
+    torch._dynamo.config.disable = True
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.set_device = lambda device: None
+    torch.cuda.Stream = _NoStream
+    torch.cuda.current_stream = lambda device=None: _NoStream()
+    torch.cuda.stream = lambda stream: contextlib.nullcontext()
+    dataset_utils.compile_helpers = lambda: None
+    fused_kernels.load = lambda args: None
+    if not isinstance(training.initialize_megatron, functools.partial):
+        training.initialize_megatron = functools.partial(training.initialize_megatron, allow_no_cuda=True)

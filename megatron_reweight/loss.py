@@ -268,7 +268,7 @@ class SampleReweighter:
                 logger.warning(
                     f"rank {dist.get_rank() if dist.is_initialized() else 0}: skipped {skipped} sample(s) with a "
                     f"non-finite loss at iteration {self.step} ({self.skipped_samples} so far on this rank; "
-                    f"skip_nonfinite_samples is on)"
+                    f"--reweight-skip-nonfinite-samples)"
                 )
         if self.checks is None:
             return

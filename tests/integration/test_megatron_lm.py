@@ -1,0 +1,197 @@
+"""Megatron-LM's own pretrain_gpt.py, unmodified, with and without our drop-in, on CPU.
+
+The Megatron-LM checkout (tag core_v0.16.1) is found through MEGATRON_LM_PATH (.ci/run points
+it at the copy kept beside this project). Each launch of a tiny GPT on --mock-data is made
+once per module and serves several tests; the numbers compared come from train_step's return
+and the model's per-token losses, recorded by megatron_lm_rank.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_reweight import compute_weights
+from megatron_reweight.launch import local_torchrun
+
+REPO = Path(__file__).resolve().parents[2]
+MEGATRON_LM = os.environ.get("MEGATRON_LM_PATH")
+pytestmark = pytest.mark.skipif(
+    not (MEGATRON_LM and Path(MEGATRON_LM, "pretrain_gpt.py").is_file()),
+    reason="set MEGATRON_LM_PATH to a Megatron-LM checkout at core_v0.16.1 (with pretrain_gpt.py)",
+)
+
+# A tiny GPT on Megatron-LM's mock data, with the flags Megatron-LM needs on CPU.
+TINY_GPT = [
+    "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+    "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "2",
+    "--global-batch-size", "8", "--lr", "1e-3", "--hidden-dropout", "0", "--attention-dropout", "0",
+    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--seed", "1234",
+    "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "1000",
+    "--distributed-backend", "gloo", "--transformer-impl", "local", "--no-gradient-accumulation-fusion",
+    "--no-persist-layer-norm", "--no-masked-softmax-fusion", "--no-bias-gelu-fusion",
+    "--no-bias-dropout-fusion", "--no-rope-fusion",
+]  # fmt: skip
+LINUPPER = ["--reweight-strategy", "linupper", "--reweight-r", "0.3", "--reweight-r-warmup-steps", "2"]
+
+
+class Run:
+    """One launch: its exit code, output and each rank's record."""
+
+    def __init__(self, result: subprocess.CompletedProcess, record_dir: Path, nproc: int):
+        self.returncode, self.output = result.returncode, result.stdout + result.stderr
+        self.ranks = [torch.load(record_dir / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+        self.iterations = self.ranks[0]["iterations"]  # the reduced report, the same on every rank
+
+    def check(self) -> Run:
+        assert self.returncode == 0, self.output[-8000:]
+        return self
+
+
+def launch(tmp: Path, mode: str, nproc: int, *flags: str, env: dict | None = None) -> Run:
+    tmp.mkdir(parents=True)
+    command = local_torchrun(
+        nproc, [str(Path(__file__).parent / "megatron_lm_rank.py"), mode, str(Path(MEGATRON_LM, "pretrain_gpt.py")),
+                *TINY_GPT, *flags]
+    )  # fmt: skip
+    environment = {
+        **os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+        "MEGATRON_LM_RECORD": str(tmp), **(env or {}),
+    }  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, cwd=tmp)
+    (tmp / "output.txt").write_text(result.stdout + result.stderr)
+    return Run(result, tmp, nproc)
+
+
+def assert_same_training(run: Run, reference: Run, keys=("lm loss", "grad norm"), rel=1e-5):
+    assert sorted(run.iterations) == sorted(reference.iterations)
+    for iteration, expected in reference.iterations.items():
+        for key in keys:
+            assert run.iterations[iteration][key] == pytest.approx(expected[key], rel=rel), (iteration, key)
+
+
+def gathered_sample_losses(run: Run, iteration: int) -> list[torch.Tensor]:
+    """Per microbatch, the per-sample losses of all DP ranks in rank order (TP ranks are replicas),
+    computed here from the model's per-token losses and loss masks."""
+    per_rank = []
+    for rank in run.ranks:
+        microbatches = [m for m in rank["microbatches"] if m["iteration"] == iteration]
+        per_rank.append([(m["losses"] * m["loss_mask"]).sum(1) / m["loss_mask"].sum(1) for m in microbatches])
+    return [torch.cat(losses).double() for losses in zip(*per_rank)]
+
+
+# --- 1 rank: uniform equals the unmodified script; a NaN stops both the same way ---------------
+
+NAN_AT = 2  # 0-based: the third iteration
+
+
+@pytest.fixture(scope="module")
+def one_rank_nan(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one_rank")
+    env = {"MEGATRON_LM_NAN_AT": str(NAN_AT)}
+    train = ["--train-iters", "4"]
+    return {
+        "plain": launch(tmp / "plain", "plain", 1, *train, env=env),
+        "uniform": launch(tmp / "uniform", "reweighted", 1, *train, "--reweight-strategy", "uniform", env=env),
+        "skip": launch(tmp / "skip", "reweighted", 1, *train, *LINUPPER, "--reweight-skip-nonfinite-samples", env=env),
+    }
+
+
+def test_one_rank_uniform_equals_the_unmodified_script_until_the_nan(one_rank_nan):
+    plain, uniform = one_rank_nan["plain"], one_rank_nan["uniform"]
+    assert sorted(plain.iterations) == list(range(NAN_AT))
+    assert_same_training(uniform, plain)
+
+
+def test_a_nan_loss_stops_the_reweighted_run_as_it_stops_megatron(one_rank_nan):
+    for run in (one_rank_nan["plain"], one_rank_nan["uniform"]):
+        assert run.returncode != 0
+        assert "found NaN in local forward loss calculation" in run.output
+
+
+def test_skip_mode_trains_past_the_nan_and_reports_it(one_rank_nan):
+    run = one_rank_nan["skip"].check()
+    assert sorted(run.iterations) == [0, 1, 2, 3]
+    assert f"skipped 1 sample(s) with a non-finite loss at iteration {NAN_AT} (1 so far" in run.output
+    # The lm loss of that iteration is the mean over the other samples' tokens.
+    microbatches = [m for m in run.ranks[0]["microbatches"] if m["iteration"] == NAN_AT]
+    losses = torch.cat([m["losses"] for m in microbatches]).double()
+    mask = torch.cat([m["loss_mask"] for m in microbatches]).double()
+    mask[0] = 0.0  # the poisoned sample
+    expected_lm_loss = float(torch.where(mask.bool(), losses, 0.0).sum() / mask.sum())
+    reported = run.iterations[NAN_AT]
+    assert reported["lm loss"] == pytest.approx(expected_lm_loss, rel=1e-5)
+    assert reported["reweight skipped samples"] == pytest.approx(1 / len(microbatches))  # per microbatch
+    assert all(value == value for value in reported.values())  # nothing NaN, grad norm included
+
+
+# --- 2 data-parallel ranks ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    train = ["--train-iters", "4"]
+    evaluation = ["--eval-iters", "1", "--eval-interval", "4"]
+    checkpoint = ["--save", str(tmp / "checkpoints"), "--save-interval", "2"]
+    runs = {
+        "plain": launch(tmp / "plain", "plain", 2, *train, *evaluation),
+        "uniform": launch(tmp / "uniform", "reweighted", 2, *train, *evaluation, "--reweight-strategy", "uniform"),
+        "per-token": launch(tmp / "per_token", "reweighted", 2, *train, "--calculate-per-token-loss"),
+        "linupper": launch(tmp / "linupper", "reweighted", 2, *train, *LINUPPER, *checkpoint),
+    }
+    # Resume the LinUpper run from its iteration-2 checkpoint through Megatron-LM's --load.
+    resume = ["--load", str(tmp / "checkpoints"), "--ckpt-step", "2"]
+    runs["resumed"] = launch(tmp / "resumed", "reweighted", 2, *train, *LINUPPER, *resume)
+    return {name: run.check() for name, run in runs.items()}
+
+
+def test_two_ranks_uniform_equals_the_unmodified_script(two_ranks):
+    assert_same_training(two_ranks["uniform"], two_ranks["plain"])
+
+
+def test_per_token_loss_mode_gives_the_same_training(two_ranks):
+    assert_same_training(two_ranks["per-token"], two_ranks["uniform"])
+
+
+def evaluation_lines(output: str) -> list[str]:
+    return [line.strip() for line in output.splitlines() if "validation loss at iteration" in line]
+
+
+def test_evaluation_reads_as_megatrons(two_ranks):
+    lines = evaluation_lines(two_ranks["uniform"].output)
+    assert lines and len(lines) == len(evaluation_lines(two_ranks["plain"].output))
+    for line in lines:  # Megatron's own keys only: no PPL of a weight diagnostic
+        assert re.findall(r"\| ([^|]+?) (?:value|PPL):", line) == ["lm loss", "lm loss"], line
+
+
+def test_linupper_weights_are_compute_weights_of_the_gathered_sample_losses(two_ranks):
+    run = two_ranks["linupper"]
+    for iteration, reported in run.iterations.items():
+        r = 100.0 if iteration < 2 else 0.3  # the warm-up, then --reweight-r
+        microbatches = gathered_sample_losses(run, iteration)
+        weights = [compute_weights(losses, "linupper", r=r) for losses in microbatches]
+        n = len(microbatches[0])
+        expected = {
+            "max weight x batch": sum(float(w.max()) * n for w in weights) / len(weights),
+            "min weight x batch": sum(float(w.min()) * n for w in weights) / len(weights),
+            "weighted loss": sum(float(w @ f) for w, f in zip(weights, microbatches)) / len(weights),
+        }
+        for key, value in expected.items():
+            assert reported[key] == pytest.approx(value, rel=1e-5), (iteration, key)
+    assert run.iterations[2]["max weight x batch"] > 1.5  # r = 0.3 spreads the weights; r = 100 did not
+    assert run.iterations[1]["max weight x batch"] < 1.01
+
+
+def test_resume_through_megatrons_checkpoint_continues_the_temperature_schedule(two_ranks):
+    uninterrupted, resumed = two_ranks["linupper"], two_ranks["resumed"]
+    assert sorted(resumed.iterations) == [2, 3]
+    for iteration in (2, 3):
+        for key in ("lm loss", "grad norm", "max weight x batch", "weighted loss"):
+            expected = uninterrupted.iterations[iteration][key]
+            assert resumed.iterations[iteration][key] == pytest.approx(expected, rel=1e-5), (iteration, key)
