@@ -11,6 +11,8 @@ fork it, this module redirects those requests to the CPU:
   `torch.cuda.synchronize` does nothing;
 * the CUDA RNG tracker is backed by the CPU default generator (on CPU every
   random op draws from it, so that is the generator the tracker must fork).
+* the MoE router's gating, which in 0.16.1 names Transformer Engine's `te_general_gemm`
+  even where Transformer Engine is missing (a NameError), is told it is absent.
 
 It is active only after `enable_megatron_core_on_cpu()` and only when CUDA is
 absent; it is tested against the pinned megatron-core version (0.16.1).
@@ -18,7 +20,7 @@ absent; it is tested against the pinned megatron-core version (0.16.1).
 `enable_megatron_lm_on_cpu()` adds what Megatron-LM's own training loop (core_v0.16.1,
 `megatron.training`) needs on top, for tests that run its unmodified pretrain_gpt.py on CPU:
 `initialize_megatron` without its CUDA assertion, one "device" so model-parallel groups are
-built and the RNG tracker seeded, no dataset-helper or fused-kernel compilation (the wheel
+built and the RNG tracker seeded, GPU architecture 0 where the flags' checks ask for it, no dataset-helper or fused-kernel compilation (the wheel
 ships the helpers compiled; the kernels need nvcc), no-op CUDA streams, and no torch.compile
 (Megatron-LM warms up its fused kernels at start-up, which on CPU runs a C++ compiler in every
 process, for kernels that the CPU flags --no-bias-*-fusion leave unused).
@@ -71,6 +73,7 @@ def enable_megatron_core_on_cpu() -> None:
     if _enabled_mode is not None or torch.cuda.is_available():
         return
     from megatron.core.tensor_parallel import random as megatron_random
+    from megatron.core.transformer.moe import moe_utils
 
     torch.cuda.current_device = lambda: 0
     torch.cuda.synchronize = lambda device=None: None
@@ -78,6 +81,8 @@ def enable_megatron_core_on_cpu() -> None:
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     megatron_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
     _enabled_mode = _CudaToCpuMode()
     _enabled_mode.__enter__()
@@ -106,6 +111,7 @@ def enable_megatron_lm_on_cpu() -> None:
     enable_megatron_core_on_cpu()
     import megatron.core.datasets.utils as dataset_utils
     import megatron.legacy.fused_kernels as fused_kernels
+    import megatron.training.arguments as arguments
     import megatron.training.training as training
 
     torch._dynamo.config.disable = True
@@ -114,6 +120,7 @@ def enable_megatron_lm_on_cpu() -> None:
     torch.cuda.Stream = _NoStream
     torch.cuda.current_stream = lambda device=None: _NoStream()
     torch.cuda.stream = lambda stream: contextlib.nullcontext()
+    arguments.get_device_arch_version = lambda: 0
     dataset_utils.compile_helpers = lambda: None
     fused_kernels.load = lambda args: None
     if not isinstance(training.initialize_megatron, functools.partial):
