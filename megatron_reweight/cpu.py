@@ -20,8 +20,9 @@ absent; it is tested against the pinned megatron-core version (0.16.1).
 `enable_megatron_lm_on_cpu()` adds what Megatron-LM's own training loop (core_v0.16.1,
 `megatron.training`) needs on top, for tests that run its unmodified pretrain_gpt.py on CPU:
 `initialize_megatron` without its CUDA assertion, one "device" so model-parallel groups are
-built and the RNG tracker seeded, GPU architecture 0 where the flags' checks ask for it, no dataset-helper or fused-kernel compilation (the wheel
-ships the helpers compiled; the kernels need nvcc), no-op CUDA streams, and no torch.compile
+built and the RNG tracker seeded, GPU architecture 0 where the flags' checks ask for it, no
+dataset-helper or fused-kernel compilation (the wheel ships the helpers compiled; the kernels
+need nvcc), no-op CUDA streams, and no torch.compile
 (Megatron-LM warms up its fused kernels at start-up, which on CPU runs a C++ compiler in every
 process, for kernels that the CPU flags --no-bias-*-fusion leave unused).
 """

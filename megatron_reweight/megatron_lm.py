@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m megatron_reweight.megatron_lm PRETRAIN_SCRIPT [flags...]`: run the script with reweighting."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or not argv[0].endswith(".py"):
-        sys.exit("usage: python -m megatron_reweight.megatron_lm PATH/pretrain_gpt.py [Megatron-LM and --reweight-* flags]")
+        sys.exit("usage: python -m megatron_reweight.megatron_lm PATH/pretrain_gpt.py [Megatron-LM, --reweight-* flags]")
     script = os.path.abspath(argv[0])
     sys.argv = [script, *argv[1:]]
     sys.path.insert(0, os.path.dirname(script))  # as `python pretrain_gpt.py` has it: megatron.training
