@@ -52,3 +52,8 @@ def test_the_reweighter_follows_the_current_process_groups(monkeypatch):
     restarted = megatron_lm._reweighter(args)
     assert restarted is not first and restarted.data_parallel_group is groups["dp"]
     assert megatron_lm._reweighter(megatron_args()) is not restarted  # new args (a restart re-parses them)
+
+
+def test_the_launcher_without_a_script_prints_its_usage():
+    with pytest.raises(SystemExit, match=r"^usage: python -m megatron_reweight.megatron_lm PATH/pretrain_gpt.py"):
+        megatron_lm.main(["--reweight-strategy", "linupper"])
