@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -120,37 +120,35 @@ def build_training(cfg: OverheadConfig):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer.module import Float16Module
 
-    from megatron_reweight.model import LlamaShape, build_llama, llama_transformer_config, transformer_engine_available
-    from megatron_reweight.training.config import PRESETS
+    from megatron_reweight.model import build_llama, llama_transformer_config, transformer_engine_available
+    from megatron_reweight.training.config import preset_config
 
     dist.init_process_group("nccl" if on_gpu else "gloo")
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(cfg.seed)
-    preset = PRESETS[cfg.preset]
-    shape = LlamaShape(
-        num_layers=cfg.num_layers or preset.num_layers,
-        hidden_size=preset.hidden_size,
-        ffn_hidden_size=preset.ffn_hidden_size,
-        num_attention_heads=preset.num_attention_heads,
-        num_query_groups=preset.num_query_groups,
-        seq_length=cfg.seq_length or preset.seq_length,
+    preset = preset_config(cfg.preset)
+    o = preset.optim
+    shape = replace(
+        preset.model,
+        num_layers=cfg.num_layers or preset.model.num_layers,
+        seq_length=cfg.seq_length or preset.model.seq_length,
         vocab_size=cfg.vocab_size,
     )
     config = llama_transformer_config(shape, bf16=on_gpu)
-    model = build_llama(shape, config, use_transformer_engine=on_gpu and transformer_engine_available())
+    model = build_llama(shape, config, cfg.vocab_size, use_transformer_engine=on_gpu and transformer_engine_available())
     if on_gpu:
         model = Float16Module(config, model.cuda())  # bf16 parameters, fp32 losses: as Megatron-LM's get_model
     model = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=on_gpu), model)
     config.finalize_model_grads_func = finalize_model_grads  # DDP grad all-reduce inside the schedule
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
-            optimizer="adam", lr=preset.lr, weight_decay=preset.weight_decay, clip_grad=preset.clip_grad,
+            optimizer="adam", lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
             bf16=on_gpu, params_dtype=torch.bfloat16 if on_gpu else torch.float32,
         ),
         [model],
     )  # fmt: skip
-    micro_batch_size = cfg.micro_batch_size or preset.micro_batch_size
-    num_microbatches = cfg.num_microbatches or preset.global_batch_size // (micro_batch_size * dist.get_world_size())
+    micro_batch_size = cfg.micro_batch_size or o.micro_batch_size
+    num_microbatches = cfg.num_microbatches or o.global_batch_size // (micro_batch_size * dist.get_world_size())
     return model, optimizer, shape, micro_batch_size, num_microbatches
 
 
@@ -160,13 +158,13 @@ def synchronize(cfg: OverheadConfig) -> None:
         torch.cuda.synchronize()
 
 
-def make_batches(shape, micro_batch_size: int, count: int, seed: int, device: str) -> list[dict]:
+def make_batches(shape, vocab_size: int, micro_batch_size: int, count: int, seed: int, device: str) -> list[dict]:
     """Random tokens; the cost of a step does not depend on the token values."""
     gen = torch.Generator().manual_seed(seed)
     positions = torch.arange(shape.seq_length).expand(micro_batch_size, -1)
     batches = []
     for _ in range(count):
-        tokens = torch.randint(0, shape.vocab_size, (micro_batch_size, shape.seq_length + 1), generator=gen)
+        tokens = torch.randint(0, vocab_size, (micro_batch_size, shape.seq_length + 1), generator=gen)
         batch = {
             "tokens": tokens[:, :-1],
             "labels": tokens[:, 1:],
@@ -197,7 +195,7 @@ def time_training_steps(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     forward_backward = get_forward_backward_func()
-    batches = make_batches(shape, micro_batch_size, num_microbatches, cfg.seed + dist.get_rank(), cfg.device)
+    batches = make_batches(shape, cfg.vocab_size, micro_batch_size, num_microbatches, cfg.seed + dist.get_rank(), cfg.device)
 
     def forward_step(loss_func, data_iterator, model):
         batch = next(data_iterator)
@@ -282,7 +280,7 @@ def worker(cfg: OverheadConfig, out: Path) -> None:
                     "micro_batch_size": micro_batch_size,
                     "num_microbatches": num_microbatches,
                     "seq_length": shape.seq_length,
-                    "model_shape": asdict(shape),
+                    "model_shape": {**asdict(shape), "vocab_size": cfg.vocab_size},
                     "parameters": parameters,
                     "device": cfg.device,
                     "transformer_engine": cfg.device == "cuda" and transformer_engine_available(),  # as build_training

@@ -222,16 +222,21 @@ def worker(cfg: LMConfig, strategy: str, seed: int, data_args: list[str], out: P
         "seed": seed,
         "config": run_config(cfg),
         "runtime_seconds": round(runtime, 1),
-        "domains": list(config.data.domains),
+        "domains": run_record["domains"],
         "parameters": run_record["parameters"],
-        "reweight": run_record["reweight"],
+        "reweight": flat_reweight(run_record["config"]["reweight"]),
         "train_history": [{k: h[k] for k in ("iteration", "lm loss")} for h in result.train_history],
         "eval_history": result.eval_history,
-        **summarise_steps(steps, len(config.data.domains), cfg.weight_window),
+        **summarise_steps(steps, len(run_record["domains"]), cfg.weight_window),
     }
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(summary))
     os.replace(tmp, out)
+
+
+def flat_reweight(reweight: dict) -> dict:
+    """The run's reweighting settings with the temperature schedule's inline (r, warmup_steps, ...)."""
+    return {**{k: v for k, v in reweight.items() if k != "temperature"}, **reweight["temperature"]}
 
 
 def summarise_steps(steps: list[dict], num_domains: int, window: int) -> dict:

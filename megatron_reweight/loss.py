@@ -39,7 +39,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_reweight.loss_checks import LossChecks
-from megatron_reweight.strategies import compute_weights
+from megatron_reweight.settings import setting
+from megatron_reweight.strategies import available_strategies, compute_weights
 from megatron_reweight.temperature import TemperatureSchedule
 
 # torch 2.13 renamed all_gather_into_tensor (now deprecated, with a warning per call).
@@ -55,13 +56,21 @@ WINDOWS = ("micro-batch", "global-batch")
 
 @dataclass
 class ReweightConfig:
-    strategy: str = "uniform"
+    strategy: str = setting(
+        "uniform",
+        f"loss-based sample weighting: one of {', '.join(available_strategies())}",
+        flag="--reweight-strategy",
+    )
     temperature: TemperatureSchedule = field(default_factory=TemperatureSchedule)
-    delta: float = 1.0
-    strategy_kwargs: dict = field(default_factory=dict)
-    # Train on past a non-finite sample loss (weight 0, logged) instead of stopping at it.
-    skip_nonfinite_samples: bool = False
-    window: str = "micro-batch"
+    delta: float = setting(1.0, "losses are normalised into [-delta, delta]", flag="--reweight-delta")
+    strategy_kwargs: dict = field(default_factory=dict)  # the strategy's options (arguments.StrategyOptions)
+    skip_nonfinite_samples: bool = setting(
+        False,
+        "give a sample with a NaN/Inf loss weight 0 and train on (logged and counted) instead of stopping as "
+        "--check-for-nan-in-loss-and-grad does",
+        flag="--reweight-skip-nonfinite-samples",
+    )
+    window: str = "micro-batch"  # one of WINDOWS
 
     def __post_init__(self) -> None:
         # Fail at start-up, not at the first step, on a bad strategy or option.

@@ -19,18 +19,28 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_reweight.settings import positive, setting
 
-@dataclass(frozen=True)
-class LlamaShape:
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    seq_length: int
-    vocab_size: int
-    rotary_base: int = 10000
-    norm_epsilon: float = 1e-5
+
+@dataclass
+class ModelConfig:
+    """The model's shape (the defaults: the tiny preset's CPU-sized model)."""
+
+    num_layers: int = setting(4, "transformer layers", check=positive)
+    hidden_size: int = setting(128, "embedding width", check=positive)
+    ffn_hidden_size: int = setting(384, "SwiGLU FFN width", check=positive)
+    num_attention_heads: int = setting(4, "query heads", check=positive)
+    num_query_groups: int = setting(
+        2,
+        "key/value heads (GQA); when only --num-attention-heads changes, the preset's heads per group",
+        check=positive,
+    )
+    seq_length: int = setting(128, "tokens per sample", check=positive)
+    max_position_embeddings: int | None = setting(None, "default: --seq-length", check=positive)
+    rotary_base: int = setting(10000, "RoPE base", check=positive)
+    norm_epsilon: float = setting(1e-5, "RMSNorm epsilon", check=positive)
+    init_method_std: float = setting(0.02, "standard deviation of the initial weights", check=positive)
+    make_vocab_size_divisible_by: int = setting(128, "pad the vocabulary to a multiple of this x TP", check=positive)
 
 
 def transformer_engine_available() -> bool:
@@ -42,12 +52,7 @@ def transformer_engine_available() -> bool:
 
 
 def llama_transformer_config(
-    shape: LlamaShape,
-    *,
-    bf16: bool = False,
-    sequence_parallel: bool = False,
-    calculate_per_token_loss: bool = False,
-    init_method_std: float = 0.02,
+    shape: ModelConfig, *, bf16: bool = False, sequence_parallel: bool = False, calculate_per_token_loss: bool = False
 ) -> TransformerConfig:
     dtype = torch.bfloat16 if bf16 else torch.float32
     return TransformerConfig(
@@ -63,7 +68,7 @@ def llama_transformer_config(
         add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        init_method_std=init_method_std,
+        init_method_std=shape.init_method_std,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         context_parallel_size=parallel_state.get_context_parallel_world_size(),
@@ -83,8 +88,14 @@ def llama_transformer_config(
 
 
 def build_llama(
-    shape: LlamaShape, config: TransformerConfig, *, use_transformer_engine: bool, vp_stage: int | None = None
+    shape: ModelConfig,
+    config: TransformerConfig,
+    vocab_size: int,
+    *,
+    use_transformer_engine: bool,
+    vp_stage: int | None = None,
 ) -> GPTModel:
+    """`vocab_size`: the padded vocabulary (`training.data.padded_vocab_size`)."""
     if use_transformer_engine:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -96,8 +107,8 @@ def build_llama(
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
-        vocab_size=shape.vocab_size,
-        max_sequence_length=shape.seq_length,
+        vocab_size=vocab_size,
+        max_sequence_length=shape.max_position_embeddings or shape.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=False,

@@ -12,16 +12,25 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from megatron_reweight.settings import non_negative, setting
+
 ANNEAL_STYLES = ("step", "linear", "cosine")
 
 
 @dataclass(frozen=True)
 class TemperatureSchedule:
-    r: float = 1.0
-    warmup_steps: int = 0
-    warmup_r: float = 100.0
-    anneal: str = "step"
-    anneal_steps: int = 0
+    r: float = setting(1.0, "softmax temperature r after warm-up", flag="--reweight-r")
+    warmup_steps: int = setting(
+        0, "steps at --reweight-r-warmup-value first", flag="--reweight-r-warmup-steps", check=non_negative
+    )
+    warmup_r: float = setting(100.0, "r during warm-up", flag="--reweight-r-warmup-value")
+    anneal: str = setting(
+        "step", "after warm-up: jump to r (step, as in the paper) or move there linearly / by cosine",
+        flag="--reweight-r-anneal", choices=ANNEAL_STYLES,
+    )  # fmt: skip
+    anneal_steps: int = setting(
+        0, "length of a linear/cosine anneal", flag="--reweight-r-anneal-steps", check=non_negative
+    )
 
     def __post_init__(self) -> None:
         for name in ("r", "warmup_r"):

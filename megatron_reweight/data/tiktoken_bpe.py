@@ -21,7 +21,7 @@ alike, both take the leftmost of equals, and by induction every step is the same
 makes tiktoken's shortcut (a piece that is a token is that token) agree with HF.
 
 The regexes are run by two engines (Oniguruma in HF, fancy-regex in tiktoken), which must
-classify every character alike; tests/test_tiktoken_bpe.py checks all of Unicode, and the
+classify every character alike; tests/integration/test_tiktoken_bpe.py checks all of Unicode, and the
 encoder re-checks every 64th document against HF while it runs (encoding.py).
 """
 

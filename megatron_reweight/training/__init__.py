@@ -10,7 +10,7 @@ or run `pretrain_llama.py` and read the JSON-lines metrics file (--metrics-file)
 """
 
 from megatron_reweight.training.arguments import build_parser, config_from_args, parse_config
-from megatron_reweight.training.config import PRESETS, Preset, TrainConfig
+from megatron_reweight.training.config import PRESETS, Preset, TrainConfig, preset_config
 from megatron_reweight.training.errors import ConfigError
 from megatron_reweight.training.trainer import TrainResult, main, train
 
@@ -24,5 +24,6 @@ __all__ = [
     "config_from_args",
     "main",
     "parse_config",
+    "preset_config",
     "train",
 ]

@@ -6,8 +6,8 @@ layout:
 
 A checkpoint holds the model's and the optimizer's sharded state dicts (so it can be
 resharded to another TP/PP/DP layout), the LR scheduler, the iteration and the consumed
-samples (the data position), the RNG states, the run's configuration and the
-reweighting configuration.
+samples (the data position), the RNG states and the run's configuration
+(`TrainConfig.to_dict()`).
 
 Crash safety: every rank writes into SAVE/iter_0000100.incomplete/; only after all ranks
 are done (barrier) does rank 0 rename it to iter_0000100/ and then replace the tracker
@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,7 +235,7 @@ def _sharded_state_dict(
     return sharded
 
 
-def save_checkpoint(root: Path, state: TrainState, mo, config, reweight_config: dict) -> Path:
+def save_checkpoint(root: Path, state: TrainState, mo, config) -> Path:
     """Collective: every rank must call it. Returns the checkpoint directory."""
     root = Path(root)
     final = checkpoint_name(root, state.iteration)
@@ -248,9 +249,9 @@ def save_checkpoint(root: Path, state: TrainState, mo, config, reweight_config: 
     dist.barrier()
 
     metadata = _optimizer_metadata(
-        config.checkpoint.fully_reshardable_optimizer, config.parallel.use_distributed_optimizer
+        config.checkpoint.dist_ckpt_optim_fully_reshardable, config.parallel.use_distributed_optimizer
     )
-    extra = {"train_config": config.to_dict(), "reweight_config": reweight_config}
+    extra = {"train_config": config.to_dict()}
     sharded = _sharded_state_dict(mo, state, extra, metadata, is_loading=False)
     bind_checkpoint_writer_to_this_process()
     dist_checkpointing.save(sharded, str(partial), sharded_strategy=("torch_dist", 1), content_metadata=metadata)
@@ -294,7 +295,7 @@ def load_checkpoint(root: Path | None, mo, config) -> tuple[TrainState, dict, li
     saved_layout = _saved_layout(common, config)
     layout = (config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size)
     layout_note = f"TP {saved_layout[0]} PP {saved_layout[1]} -> TP {layout[0]} PP {layout[1]}"
-    load_optimizer = config.checkpoint.load_optimizer
+    load_optimizer = config.checkpoint.load_optim
     if load_optimizer:
         _check_optimizer_format(root, metadata, config, saved_layout != layout, layout_note)
     load_rng = config.checkpoint.load_rng and saved_layout == layout
@@ -377,7 +378,7 @@ def data_changes(common: dict, config) -> list[str]:
     now = config.to_dict()
     changes = []
     for section, saved, keys in (
-        ("data", saved_data, ("data_prefixes", "data_weights", "split", "mock_data")),
+        ("data", saved_data, ("data_path", "split", "mock_data")),
         ("optim", saved_optim, ("seed", "train_iters", "global_batch_size")),
         ("model", saved_model, ("seq_length",)),
     ):
@@ -389,3 +390,50 @@ def data_changes(common: dict, config) -> list[str]:
 
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class Checkpointer:
+    """The run's checkpoints: resumes from --load, and saves to --save at every
+    --save-interval, on an early exit and at the end of training, at most once per iteration."""
+
+    def __init__(self, config, mo, log):
+        self.config, self.mo, self.log = config, mo, log
+        self.saved_at: int | None = None
+        self.last_checkpoint: str | None = None  # the latest saved or loaded
+
+    def load(self) -> TrainState:
+        """The state to continue from (a fresh one without a checkpoint to load)."""
+        root = self.config.checkpoint.load
+        loaded = load_checkpoint(root, self.mo, self.config) if root is not None else None
+        if loaded is None:
+            return TrainState()
+        state, common, notes = loaded
+        self.saved_at, self.last_checkpoint = state.iteration, str(checkpoint_name(root, state.iteration))
+        self.log.print(
+            f"resumed from {self.last_checkpoint} (iteration {state.iteration}, {state.consumed_samples} samples)"
+            + "".join(f"; {note}" for note in notes)
+        )
+        changes = data_changes(common, self.config)
+        if changes:
+            self.log.print(
+                f"warning: data settings differ from the checkpoint's run ({'; '.join(changes)}): "
+                "the resumed run may read other samples than an uninterrupted one"
+            )
+        return state
+
+    def should_save(self, iteration: int) -> bool:
+        interval = self.config.checkpoint.save_interval
+        return bool(interval) and iteration % interval == 0
+
+    def save(self, state: TrainState, reason: str) -> None:
+        """Collective. A no-op without --save or when this iteration is saved already."""
+        from megatron_reweight.training.model import parameters_synced
+
+        root = self.config.checkpoint.save
+        if root is None or self.saved_at == state.iteration:
+            return
+        start = time.perf_counter()
+        with parameters_synced(self.mo.model):
+            path = save_checkpoint(root, state, self.mo, self.config)
+        self.saved_at, self.last_checkpoint = state.iteration, str(path)
+        self.log.print(f"saved checkpoint {path} ({reason}, {time.perf_counter() - start:.1f}s)")

@@ -229,23 +229,63 @@ def check_indexed_dataset(prefix: str) -> int:
     return documents - 1
 
 
-# ----------------------------------------------------------------------------- datasets
+# ----------------------------------------------------------------------------- the run's data
+@dataclass
+class TrainingData:
+    """What the run reads, resolved from its DataConfig by `prepare_data`."""
+
+    tokenizer: MegatronTokenizerBase
+    prefixes: list[str] | None  # the blend's dataset prefixes; None with --mock-data
+    weights: list[float] | None
+    domains: list[str]  # a name per prefix (["mock"] with --mock-data)
+    cache_path: Path | None
+
+
+def prepare_data(data) -> TrainingData:
+    """The run's first step: build the offline demo corpus when no data is given (safe from
+    several ranks at once), check every dataset prefix's files, load the tokenizer.
+    `data` is the run's DataConfig; raises ConfigError on unusable data."""
+    if data.mock_data:
+        tokenizer = JsonTokenizer(data.tokenizer_model) if data.tokenizer_model else NullTokenizer(data.vocab_size)
+        return TrainingData(tokenizer, None, None, ["mock"], data.data_cache_path)
+    data_path, tokenizer_model, cache_path = data.data_path, data.tokenizer_model, data.data_cache_path
+    if data_path is None:
+        demo = _demo_data(data.demo_data_root)
+        data_path = list(demo.data_path)
+        tokenizer_model = tokenizer_model or Path(demo.tokenizer_path)
+        cache_path = cache_path or Path(data.demo_data_root) / "cache"
+    prefixes, weights = parse_blend(data_path)
+    for prefix in prefixes:
+        check_indexed_dataset(prefix)
+    return TrainingData(JsonTokenizer(tokenizer_model), prefixes, weights, domain_names(prefixes), cache_path)
+
+
+def _demo_data(root: Path):
+    try:
+        from megatron_reweight.data.demo import ensure_demo_data
+    except ImportError as error:
+        raise ConfigError(
+            f"no --data-path given and the demo corpus is unavailable ({error}); pass --data-path or --mock-data"
+        ) from None
+    return ensure_demo_data(root)
+
+
 @dataclass
 class Datasets:
     train: torch.utils.data.Dataset
     valid: dict[str, torch.utils.data.Dataset]  # domain name -> its validation dataset
 
 
-def _dataset_config(data, seq_length: int, seed: int, tokenizer, mock: bool, blend):
+def _dataset_config(source: TrainingData, split: str | None, seq_length: int, seed: int, blend):
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     return GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         blend=blend,
-        split=None if mock else data.split,
-        path_to_cache=str(data.data_cache_path) if data.data_cache_path else None,
-        tokenizer=tokenizer,
+        split=split,
+        path_to_cache=str(source.cache_path) if source.cache_path else None,
+        tokenizer=source.tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
@@ -259,38 +299,39 @@ def _only_split(config, index: int):
     return config
 
 
-def build_datasets(data, seq_length: int, seed: int, tokenizer, train_samples: int, eval_samples: int) -> Datasets:
+def build_datasets(
+    source: TrainingData, split: str, seq_length: int, seed: int, train_samples: int, eval_samples: int
+) -> Datasets:
     """Build on every rank (rank 0 first, so others hit its index cache); megatron-core
-    synchronises the ranks itself. `data` is the run's DataConfig."""
+    synchronises the ranks itself."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
     from megatron.core.datasets.utils import Split
 
     built_on_every_rank = lambda: True
-    if data.mock_data:
-        config = _dataset_config(data, seq_length, seed, tokenizer, True, None)
+    if source.prefixes is None:
+        config = _dataset_config(source, None, seq_length, seed, None)
         sizes = [train_samples, eval_samples, 0]
         train, valid, _ = BlendedMegatronDatasetBuilder(MockGPTDataset, sizes, built_on_every_rank, config).build()
         return Datasets(train=train, valid={"mock": valid} if eval_samples else {})
 
-    blend = (data.data_prefixes, data.data_weights)
-    config = _only_split(_dataset_config(data, seq_length, seed, tokenizer, False, blend), Split.train.value)
+    blend = (source.prefixes, source.weights)
+    config = _only_split(_dataset_config(source, split, seq_length, seed, blend), Split.train.value)
     if config.split_matrix[Split.train.value] is None:
-        raise ConfigError(f"--split {data.split} leaves no training documents")
+        raise ConfigError(f"--split {split} leaves no training documents")
     train = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, 0, 0], built_on_every_rank, config).build()[0]
 
     valid = {}
     if eval_samples:
-        for name, prefix in zip(data.domains, data.data_prefixes):
-            config = _dataset_config(data, seq_length, seed, tokenizer, False, ([prefix], None))
-            config = _only_split(config, Split.valid.value)
+        for name, prefix in zip(source.domains, source.prefixes):
+            config = _only_split(_dataset_config(source, split, seq_length, seed, ([prefix], None)), Split.valid.value)
             sizes = [0, eval_samples, 0]
             try:
                 valid[name] = BlendedMegatronDatasetBuilder(GPTDataset, sizes, built_on_every_rank, config).build()[1]
             except (AssertionError, IndexError, ValueError) as error:
                 raise ConfigError(
                     f"--data-path prefix {prefix}: too few documents for a validation split with --split "
-                    f"{data.split} ({error or type(error).__name__})"
+                    f"{split} ({error or type(error).__name__})"
                 ) from None
     return Datasets(train=train, valid=valid)
 

@@ -25,13 +25,9 @@ class Runtime:
 
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
     dp_rank: int
     dp_size: int
-    tp_rank: int
-    pp_rank: int
-    cp_rank: int
     is_first_stage: bool
     is_last_stage: bool
 
@@ -39,10 +35,6 @@ class Runtime:
     def is_logging_rank(self) -> bool:
         """Megatron logs from the last rank, which holds the loss (last pipeline stage)."""
         return self.rank == self.world_size - 1
-
-    @property
-    def is_rank_zero(self) -> bool:
-        return self.rank == 0
 
 
 def _single_process_env() -> None:
@@ -103,13 +95,9 @@ def initialize(config: TrainConfig) -> Runtime:
     return Runtime(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
-        local_rank=local_rank,
         device=device,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
-        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-        cp_rank=parallel_state.get_context_parallel_rank(),
         is_first_stage=parallel_state.is_pipeline_first_stage(),
         is_last_stage=parallel_state.is_pipeline_last_stage(),
     )

@@ -36,13 +36,19 @@ _CONSOLE = (
 
 
 class MetricsLogger:
-    def __init__(self, enabled: bool, logging_config, run_name: str, config_dict: dict):
+    """Writes on the logging rank only (`enabled`), where it also keeps the records it logged."""
+
+    def __init__(self, enabled: bool, config):
         self.enabled = enabled
+        self.log_interval, self.train_iters = config.logging.log_interval, config.optim.train_iters
+        self.train_history: list[dict] = []  # {"iteration", **values} per log step
+        self.eval_history: list[dict] = []  # {"iteration", "domains"} per evaluation
         self.tensorboard = None
         self.wandb = None
         self.jsonl = None
         if not enabled:
             return
+        logging_config = config.logging
         if logging_config.tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -54,8 +60,9 @@ class MetricsLogger:
                 print("warning: --wandb-project given but wandb is not installed; skipping it", flush=True)
             else:
                 self.wandb = wandb.init(
-                    project=logging_config.wandb_project, name=logging_config.wandb_exp_name or run_name,
-                    config=config_dict, resume="allow",
+                    project=logging_config.wandb_project,
+                    name=logging_config.wandb_exp_name or f"{config.preset}-{config.reweight.strategy}",
+                    config=config.to_dict(), resume="allow",
                 )  # fmt: skip
         if logging_config.metrics_file is not None:
             path = Path(logging_config.metrics_file)
@@ -70,10 +77,14 @@ class MetricsLogger:
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"time": time.time(), **record}) + "\n")
 
-    def log_train(self, iteration: int, train_iters: int, values: dict) -> None:
+    def should_log(self, iteration: int) -> bool:
+        return iteration % self.log_interval == 0 or iteration == self.train_iters
+
+    def log_train(self, iteration: int, values: dict) -> None:
         if not self.enabled:
             return
-        parts = [f"iteration {iteration:>7d}/{train_iters}", f"samples {values['consumed_samples']}"]
+        self.train_history.append({"iteration": iteration, **values})
+        parts = [f"iteration {iteration:>7d}/{self.train_iters}", f"samples {values['consumed_samples']}"]
         for key, label, fmt in _CONSOLE:
             if key in values and values[key] is not None and math.isfinite(values[key]):
                 parts.append(f"{label} {fmt.format(values[key])}")
@@ -86,6 +97,7 @@ class MetricsLogger:
     def log_eval(self, iteration: int, per_domain: dict[str, dict[str, float]]) -> None:
         if not self.enabled or not per_domain:
             return
+        self.eval_history.append({"iteration": iteration, "domains": per_domain})
         total = sum(d["tokens"] for d in per_domain.values())
         mean_loss = sum(d["loss"] * d["tokens"] for d in per_domain.values()) / max(total, 1)
         text = ", ".join(f"{name} {d['loss']:.4f} (ppl {d['ppl']:.2f})" for name, d in per_domain.items())

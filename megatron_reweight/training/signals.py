@@ -16,13 +16,13 @@ import torch.distributed as dist
 
 
 class ExitMonitor:
-    def __init__(
-        self, signal_name: str | None, exit_duration_in_mins: float | None, exit_interval: int | None,
-        device: torch.device,
-    ):  # fmt: skip
-        self.signal_number = getattr(signal, signal_name) if signal_name else None
-        self.exit_duration_in_mins = exit_duration_in_mins
-        self.exit_interval = exit_interval
+    """`checkpoint`: the run's CheckpointConfig (--exit-signal, --exit-duration-in-mins, --exit-interval)."""
+
+    def __init__(self, checkpoint, device: torch.device):
+        handled = checkpoint.exit_signal if checkpoint.exit_signal_handler else None
+        self.signal_number = getattr(signal, handled) if handled else None
+        self.exit_duration_in_mins = checkpoint.exit_duration_in_mins
+        self.exit_interval = checkpoint.exit_interval
         self.device = device
         self.start_time = time.time()
         self.signal_received = False

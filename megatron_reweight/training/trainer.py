@@ -7,7 +7,9 @@ reweighted loss of `megatron_reweight.loss.SampleReweighter`.
 One iteration: zero the grad buffers, run `get_forward_backward_func()` over
 global_batch / (micro_batch x DP) micro-batches (the reweighter's loss_func weights the
 samples of each micro-batch across DP), let `finalize_model_grads` reduce the gradients,
-step the optimizer and the LR schedule (counted in samples, as Megatron-LM).
+step the optimizer and the LR schedule (counted in samples, as Megatron-LM). After it, the
+logger, the validator, the checkpointer and the exit monitor each decide whether it is
+their turn.
 """
 
 from __future__ import annotations
@@ -20,21 +22,16 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_reweight.loss import SampleReweighter, check_megatron_config, reduce_reports
-from megatron_reweight.training import checkpointing, distributed
+from megatron_reweight.loss import SampleReweighter, reduce_reports
+from megatron_reweight.training import distributed
+from megatron_reweight.training.checkpointing import Checkpointer, check_save_directory
 from megatron_reweight.training.config import TrainConfig
-from megatron_reweight.training.data import (
-    JsonTokenizer,
-    NullTokenizer,
-    build_datasets,
-    data_loader,
-    padded_vocab_size,
-    to_device,
-)
+from megatron_reweight.training.data import build_datasets, data_loader, padded_vocab_size, prepare_data, to_device
 from megatron_reweight.training.errors import ConfigError
-from megatron_reweight.training.evaluation import evaluate
+from megatron_reweight.training.evaluation import Validator
 from megatron_reweight.training.metrics import MetricsLogger
-from megatron_reweight.training.optimizer import build_model_and_optimizer, current_lr, parameters_synced
+from megatron_reweight.training.model import build_model, num_parameters
+from megatron_reweight.training.optimizer import build_optimizer, current_lr
 from megatron_reweight.training.signals import ExitMonitor
 
 
@@ -45,10 +42,10 @@ class TrainResult:
     exit_reason: str  # "completed", or why the run stopped early (signal, time budget)
     train_history: list[dict] = field(default_factory=list)  # the logged train records (logging rank)
     eval_history: list[dict] = field(default_factory=list)  # {"iteration", "domains"} (logging rank)
-    checkpoint: str | None = None  # the last checkpoint saved
+    checkpoint: str | None = None  # the last checkpoint saved (or loaded)
 
 
-def make_forward_step(runtime, device: torch.device):
+def make_forward_step(device: torch.device):
     """Megatron's forward_step_func: read a micro-batch, slice it for context parallelism,
     run the model. The caller binds `loss_func(batch, output_tensor)` (weighted or unweighted)."""
     from megatron.core.utils import get_batch_on_this_cp_rank
@@ -70,25 +67,15 @@ def weighted_loss_func(reweighter: SampleReweighter, batch: dict, output_tensor:
     return reweighter.loss_func(batch["loss_mask"], output_tensor, batch["dataset_id"])
 
 
-def _tokenizer(config: TrainConfig):
-    if config.data.tokenizer_model is not None:
-        return JsonTokenizer(config.data.tokenizer_model)
-    return NullTokenizer(config.data.vocab_size)
-
-
-def _weight_report_group():
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_group(with_context_parallel=True)
-
-
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) the training described by `config`. Collective: every rank calls it.
-    Raises ConfigError on bad input found after start-up (e.g. an unusable checkpoint)."""
+    Raises ConfigError on bad input found after start-up (unusable data or checkpoint)."""
+    data = prepare_data(config.data)
     owns_process_group = not dist.is_initialized()
     runtime = distributed.initialize(config)
     try:
-        return _train(config, runtime)
+        with ExitMonitor(config.checkpoint, runtime.device) as exit_monitor:
+            return _train(config, runtime, data, exit_monitor)
     finally:
         if owns_process_group:
             distributed.shutdown()
@@ -98,143 +85,103 @@ def train(config: TrainConfig) -> TrainResult:
             parallel_state.destroy_model_parallel()
 
 
+def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> TrainResult:
+    o = config.optim
+    check_save_directory(config.checkpoint.save, config.checkpoint.load)  # before logs go there
+    log = MetricsLogger(runtime.is_logging_rank, config)
+
+    # --- set-up: data, model, optimizer, checkpoint -------------------------------------
+    vocab = padded_vocab_size(
+        data.tokenizer.vocab_size, config.model.make_vocab_size_divisible_by, config.parallel.tensor_model_parallel_size
+    )
+    num_microbatches = o.global_batch_size // (o.micro_batch_size * runtime.dp_size)
+    datasets = build_datasets(
+        data, config.data.split, config.model.seq_length, o.seed, o.train_iters * o.global_batch_size,
+        config.eval.eval_iters * o.global_batch_size,
+    )  # fmt: skip
+    mo = build_optimizer(config, build_model(config, vocab))
+    reweighter = SampleReweighter.from_parallel_state(config.reweight, data.domains)
+    checkpointer = Checkpointer(config, mo, log)
+    state = checkpointer.load()
+    _log_run(log, config, runtime, mo, vocab, num_microbatches, data.domains)
+
+    train_iterator = None  # middle pipeline stages read no data
+    if runtime.is_first_stage or runtime.is_last_stage:
+        loader = data_loader(
+            datasets.train, state.consumed_samples, o.micro_batch_size, runtime.dp_rank, runtime.dp_size,
+            config.data.num_workers,
+        )  # fmt: skip
+        train_iterator = iter(loader)
+    forward_step = make_forward_step(runtime.device)
+    train_forward_step = partial(forward_step, loss_func=partial(weighted_loss_func, reweighter))
+    validator = Validator(config, datasets.valid, runtime, forward_step, num_microbatches)
+
+    # --- the loop -----------------------------------------------------------------------
+    result = TrainResult(0, 0, "completed")
+    for chunk in mo.model:
+        chunk.train()
+    interval = _Interval()
+    while state.iteration < o.train_iters:
+        reweighter.step = state.iteration
+        interval.add(_train_step(mo, train_forward_step, train_iterator, num_microbatches, config, runtime))
+        state.iteration += 1
+        state.consumed_samples += o.global_batch_size
+
+        if log.should_log(state.iteration):
+            log.log_train(state.iteration, _interval_values(interval, mo, reweighter, state, config, runtime))
+            interval = _Interval()
+        if validator.should_validate(state.iteration):
+            log.log_eval(state.iteration, validator.validate(mo.model))
+        if checkpointer.should_save(state.iteration):
+            checkpointer.save(state, "interval")
+        if state.iteration < o.train_iters and exit_monitor.should_exit(state.iteration):
+            checkpointer.save(state, exit_monitor.reason)
+            result.exit_reason = exit_monitor.reason
+            log.print(f"exiting at iteration {state.iteration}: {exit_monitor.reason}")
+            break
+    else:
+        checkpointer.save(state, "end of training")
+
+    result.iteration, result.consumed_samples = state.iteration, state.consumed_samples
+    result.checkpoint = checkpointer.last_checkpoint
+    result.train_history, result.eval_history = log.train_history, log.eval_history
+    log.close()
+    return result
+
+
+@dataclass
+class _StepOutcome:
+    reports: list  # loss_func reports of every micro-batch (last pipeline stage), else []
+    grad_norm: float | None
+    update_successful: bool
+    seconds: float
+
+
 @dataclass
 class _Interval:
     """What the loop accumulates between two log lines."""
 
-    reports: list = field(default_factory=list)  # loss_func reports of every micro-batch
+    reports: list = field(default_factory=list)
     seconds: float = 0.0
     steps: int = 0
     grad_norms: list = field(default_factory=list)
     skipped: int = 0
 
-
-def _train(config: TrainConfig, runtime) -> TrainResult:
-    o = config.optim
-    checkpointing.check_save_directory(config.checkpoint.save, config.checkpoint.load)  # before logs go there
-    log = MetricsLogger(runtime.is_logging_rank, config.logging, _run_name(config), config.to_dict())
-    exit_monitor = ExitMonitor(
-        config.checkpoint.exit_signal if config.checkpoint.exit_signal_handler else None,
-        config.checkpoint.exit_duration_in_mins,
-        config.checkpoint.exit_interval,
-        runtime.device,
-    )
-    with exit_monitor:
-        # --- set-up: data, model, optimizer, checkpoint ---------------------------------
-        tokenizer = _tokenizer(config)
-        config.data.vocab_size, config.data.eod_id = tokenizer.vocab_size, tokenizer.eod
-        vocab = padded_vocab_size(
-            tokenizer.vocab_size, config.model.make_vocab_size_divisible_by, config.parallel.tensor_model_parallel_size
-        )
-        num_microbatches = o.global_batch_size // (o.micro_batch_size * runtime.dp_size)
-        datasets = build_datasets(
-            config.data, config.model.seq_length, o.seed, tokenizer, o.train_iters * o.global_batch_size,
-            config.eval.eval_iters * o.global_batch_size,
-        )  # fmt: skip
-        mo = build_model_and_optimizer(config, vocab)
-        check_megatron_config(mo.transformer_config.calculate_per_token_loss, False)
-        reweighter = SampleReweighter.from_parallel_state(config.reweight, config.data.domains)
-
-        state, result = checkpointing.TrainState(), TrainResult(0, 0, "completed")
-        loaded = checkpointing.load_checkpoint(config.checkpoint.load, mo, config) if config.checkpoint.load else None
-        if loaded is not None:
-            state, common, notes = loaded
-            result.checkpoint = str(checkpointing.checkpoint_name(config.checkpoint.load, state.iteration))
-            log.print(
-                f"resumed from {result.checkpoint} (iteration {state.iteration}, {state.consumed_samples} samples)"
-                + "".join(f"; {note}" for note in notes)
-            )
-            changes = checkpointing.data_changes(common, config)
-            if changes:
-                log.print(f"warning: data settings differ from the checkpoint's run ({'; '.join(changes)}): "
-                          f"the resumed run may read other samples than an uninterrupted one")  # fmt: skip
-        _log_run(log, config, runtime, mo, vocab, num_microbatches)
-
-        train_iterator = None  # middle pipeline stages read no data
-        if runtime.is_first_stage or runtime.is_last_stage:
-            train_iterator = iter(
-                data_loader(
-                    datasets.train, state.consumed_samples, o.micro_batch_size, runtime.dp_rank, runtime.dp_size,
-                    config.data.num_workers,
-                )
-            )  # fmt: skip
-        forward_step = make_forward_step(runtime, runtime.device)
-        saved_at = state.iteration if loaded is not None else None
-
-        def save(reason: str) -> None:
-            nonlocal saved_at
-            if config.checkpoint.save is None or saved_at == state.iteration:
-                return
-            start = time.perf_counter()
-            with parameters_synced(mo):
-                path = checkpointing.save_checkpoint(
-                    config.checkpoint.save, state, mo, config, _reweight_dict(config.reweight)
-                )
-            saved_at, result.checkpoint = state.iteration, str(path)
-            log.print(f"saved checkpoint {path} ({reason}, {time.perf_counter() - start:.1f}s)")
-
-        # --- the loop ---------------------------------------------------------------------
-        for chunk in mo.model:
-            chunk.train()
-        interval = _Interval()
-        while state.iteration < o.train_iters:
-            reweighter.step = state.iteration
-            start = time.perf_counter()
-            reports, grad_norm, update_successful = _train_step(
-                mo,
-                partial(forward_step, loss_func=partial(weighted_loss_func, reweighter)),
-                train_iterator,
-                num_microbatches,
-                config,
-            )
-            state.iteration += 1
-            state.consumed_samples += o.global_batch_size
-            if runtime.device.type == "cuda":
-                torch.cuda.synchronize()
-            interval.seconds += time.perf_counter() - start
-            interval.steps += 1
-            interval.skipped += not update_successful
-            if grad_norm is not None:
-                interval.grad_norms.append(float(grad_norm))
-            if runtime.is_last_stage:
-                interval.reports += reports
-
-            if state.iteration % config.logging.log_interval == 0 or state.iteration == o.train_iters:
-                values = _interval_values(interval, mo, reweighter, state, config, runtime)
-                log.log_train(state.iteration, o.train_iters, values)
-                if runtime.is_logging_rank:
-                    result.train_history.append({"iteration": state.iteration, **values})
-                interval = _Interval()
-
-            if config.eval.eval_iters and (
-                state.iteration % config.eval.eval_interval == 0 or state.iteration == o.train_iters
-            ):
-                with parameters_synced(mo):
-                    per_domain = evaluate(mo, datasets.valid, config, runtime, forward_step, num_microbatches)
-                log.log_eval(state.iteration, per_domain)
-                if runtime.is_logging_rank:
-                    result.eval_history.append({"iteration": state.iteration, "domains": per_domain})
-
-            if config.checkpoint.save_interval and state.iteration % config.checkpoint.save_interval == 0:
-                save("interval")
-            if state.iteration < o.train_iters and exit_monitor.should_exit(state.iteration):
-                save(exit_monitor.reason)
-                result.exit_reason = exit_monitor.reason
-                log.print(f"exiting at iteration {state.iteration}: {exit_monitor.reason}")
-                break
-        else:
-            save("end of training")
-
-        result.iteration, result.consumed_samples = state.iteration, state.consumed_samples
-        log.close()
-        return result
+    def add(self, step: _StepOutcome) -> None:
+        self.reports += step.reports
+        self.seconds += step.seconds
+        self.steps += 1
+        self.skipped += not step.update_successful
+        if step.grad_norm is not None:
+            self.grad_norms.append(float(step.grad_norm))
 
 
-def _train_step(mo, forward_step_func, data_iterator, num_microbatches: int, config: TrainConfig):
+def _train_step(mo, forward_step_func, data_iterator, num_microbatches: int, config: TrainConfig, runtime):
     """Megatron-LM's train_step: forward-backward over the micro-batches (gradients reduced
     by finalize_model_grads inside the schedule), then the optimizer and LR schedule."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    start = time.perf_counter()
     for chunk in mo.model:
         chunk.zero_grad_buffer()
     mo.optimizer.zero_grad()
@@ -250,13 +197,20 @@ def _train_step(mo, forward_step_func, data_iterator, num_microbatches: int, con
     update_successful, grad_norm, _ = mo.optimizer.step()
     if update_successful:
         mo.scheduler.step(increment=config.optim.global_batch_size)
-    return reports, grad_norm, update_successful
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize()
+    reports = reports if runtime.is_last_stage else []
+    return _StepOutcome(reports, grad_norm, update_successful, time.perf_counter() - start)
 
 
 def _interval_values(interval: _Interval, mo, reweighter, state, config: TrainConfig, runtime) -> dict:
     """The log line's numbers: loss_func reports averaged over the interval's micro-batches
     and the DP x CP ranks (last pipeline stage), plus LR, r, grad norm and speed."""
-    values = reduce_reports(interval.reports, _weight_report_group()) if runtime.is_last_stage else {}
+    from megatron.core import parallel_state
+
+    values = {}
+    if runtime.is_last_stage:
+        values = reduce_reports(interval.reports, parallel_state.get_data_parallel_group(with_context_parallel=True))
     step_time = interval.seconds / interval.steps
     values.update(
         {
@@ -272,35 +226,17 @@ def _interval_values(interval: _Interval, mo, reweighter, state, config: TrainCo
     return values
 
 
-def _run_name(config: TrainConfig) -> str:
-    return f"{config.model.preset}-{config.reweight.strategy}"
-
-
-def _reweight_dict(reweight) -> dict:
-    t = reweight.temperature
-    return {
-        "strategy": reweight.strategy,
-        "r": t.r,
-        "warmup_steps": t.warmup_steps,
-        "warmup_r": t.warmup_r,
-        "anneal": t.anneal,
-        "anneal_steps": t.anneal_steps,
-        "delta": reweight.delta,
-        "strategy_kwargs": dict(reweight.strategy_kwargs),
-    }
-
-
-def _log_run(log: MetricsLogger, config: TrainConfig, runtime, mo, vocab: int, num_microbatches: int) -> None:
+def _log_run(log: MetricsLogger, config: TrainConfig, runtime, mo, vocab: int, num_microbatches: int, domains) -> None:
     # Parameter count of the whole model: sum the shards over TP and PP (DP/CP replicate).
     from megatron.core import parallel_state
 
-    count = torch.tensor([float(mo.num_parameters())], device=runtime.device)
+    count = torch.tensor([float(num_parameters(mo.model))], device=runtime.device)
     if parallel_state.get_data_parallel_rank(with_context_parallel=True) != 0:
         count.zero_()
     dist.all_reduce(count)
-    m, p, o = config.model, config.parallel, config.optim
+    m, p, o, r = config.model, config.parallel, config.optim, config.reweight
     summary = {
-        "preset": m.preset,
+        "preset": config.preset,
         "parameters": int(count.item()),
         "world_size": runtime.world_size,
         "tp": p.tensor_model_parallel_size,
@@ -315,19 +251,17 @@ def _log_run(log: MetricsLogger, config: TrainConfig, runtime, mo, vocab: int, n
         "device": config.device.device,
         "bf16": config.device.bf16,
         "transformer_impl": config.device.transformer_impl,
-        "reweight": _reweight_dict(config.reweight),
-        "domains": config.data.domains,
+        "domains": domains,
     }
     log.print(
-        f"pretrain_llama: {m.preset} ({summary['parameters'] / 1e6:.2f}M parameters, {m.num_layers} layers, "
+        f"pretrain_llama: {config.preset} ({summary['parameters'] / 1e6:.2f}M parameters, {m.num_layers} layers, "
         f"hidden {m.hidden_size}, seq {m.seq_length}, vocab {vocab}) | TP {p.tensor_model_parallel_size} "
         f"PP {p.pipeline_model_parallel_size} CP {p.context_parallel_size} DP {runtime.dp_size} | "
         f"global batch {o.global_batch_size} = micro {o.micro_batch_size} x DP {runtime.dp_size} x "
         f"{num_microbatches} micro-batches | {config.device.device} "
         f"{'bf16' if config.device.bf16 else 'fp32'} {config.device.transformer_impl} | "
-        f"reweighting {config.reweight.strategy} r={config.reweight.temperature.r} "
-        f"(r={config.reweight.temperature.warmup_r} for {config.reweight.temperature.warmup_steps} steps) | "
-        f"domains {', '.join(config.data.domains)}"
+        f"reweighting {r.strategy} r={r.temperature.r} "
+        f"(r={r.temperature.warmup_r} for {r.temperature.warmup_steps} steps) | domains {', '.join(domains)}"
     )
     log.record({"kind": "run", **summary, "config": config.to_dict()})
 
@@ -350,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_logging()
     try:
-        config = parse_config(argv)
-        train(config)
+        train(parse_config(argv))
     except ConfigError as error:
         report_config_error(error)
     return 0

@@ -4,7 +4,8 @@ per-domain validation, TensorBoard and the metrics file."""
 import math
 
 import pytest
-from _launch import SMALL_MODEL, data_args, make_corpus, read_metrics, run
+
+from tests.helpers.pretrain import SMALL_MODEL, data_args, make_corpus, read_metrics, run
 
 ITERS = 16
 COMMON = ["--train-iters", str(ITERS), "--log-interval", "1", "--eval-interval", "8", "--eval-iters", "1"]
@@ -75,11 +76,19 @@ def test_data_parallel_run_learns_and_logs_everything(corpus, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "layout", [["--tensor-model-parallel-size", "2"], ["--context-parallel-size", "2"]], ids=["tp2", "cp2"]
+    "layout",
+    [
+        ["--tensor-model-parallel-size", "2"],
+        ["--context-parallel-size", "2"],
+        ["--context-parallel-size", "2", "--calculate-per-token-loss"],
+    ],
+    ids=["tp2", "cp2", "cp2-per-token-loss"],
 )
 def test_model_parallel_run_matches_one_process(layout, corpus, tmp_path, single_process):
     """TP and CP shard the same model (CPU initialisation makes the full weights and splits
-    them): the losses must match the one-process run up to float summation order."""
+    them): the losses must match the one-process run up to float summation order. Megatron's
+    per-token loss mode (gradients divided by the all-reduced token count) gives the same
+    weighted gradient, so the same trajectory."""
     _, reference, reference_evals = single_process
     metrics = tmp_path / "m.jsonl"
     run(2, SMALL_MODEL + data_args(corpus, tmp_path / "cache") + COMMON + layout + ["--metrics-file", str(metrics)])

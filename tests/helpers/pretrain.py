@@ -9,9 +9,9 @@ import subprocess
 from pathlib import Path
 
 import numpy
-from distributed import REPO
 
 from megatron_reweight.launch import local_command
+from tests.helpers import REPO
 
 VOCAB = 256
 EOD = 0

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 SHELL_SCRIPTS = sorted((REPO / "examples" / "slurm").glob("*.sbatch")) + [
     REPO / "examples" / "slurm" / "common.sh",
     REPO / "scripts" / "gpu_check.sh",

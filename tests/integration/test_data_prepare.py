@@ -29,8 +29,8 @@ from megatron_reweight.data.prepare import (
     prepare,
 )
 from megatron_reweight.data.sources import InputConfig
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ("web", "code", "books")
 
 

@@ -1,7 +1,7 @@
 from importlib.metadata import version
 from pathlib import Path
 
-from distributed import torchrun
+from tests.helpers.distributed import torchrun
 
 
 def test_pinned_megatron_core_version():

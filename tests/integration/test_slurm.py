@@ -34,9 +34,10 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster, missing_binaries
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+from tests.helpers.slurm_cluster import SlurmCluster, missing_binaries
+
 SLURM_DIR = REPO / "examples" / "slurm"
 SLIMPAJAMA_DOMAINS = [
     "RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaGithub", "RedPajamaArXiv",
@@ -218,22 +219,29 @@ def test_full_size_command_line_is_accepted_by_the_trainer(script, tmp_path):
     argv = shlex.split(next(line for line in p.stdout.splitlines() if line.startswith("srun ")))
     assert "--container-image=nvcr.io#x/y:1" in argv
     trainer_args = argv[argv.index("/opt/megatron-reweight/pretrain_llama.py") + 1 :]
-    args = arguments.build_parser().parse_args(trainer_args)
-    assert args.save == args.load and args.exit_signal_handler and args.exit_signal == "SIGTERM"
+    config = arguments.settings_from_args(arguments.build_parser().parse_args(trainer_args))
+    ck, o, r, par = config.checkpoint, config.optim, config.reweight, config.parallel
+    assert ck.save == ck.load and ck.exit_signal_handler and ck.exit_signal == "SIGTERM"
     if script.startswith("llama7b"):
         assert "plan: 128 sequences x 8192 tokens x 170000 steps = 178.3e9 tokens" in p.stdout
         assert "plan: 64 GPUs at 7000 tokens/s/GPU: 110.5 hours" in p.stdout
         assert "--nnodes=8" in argv and "--nproc-per-node=8" in argv
-        assert (args.preset, args.tensor_model_parallel_size, args.sequence_parallel) == ("llama-7b", 2, True)
-        assert (args.reweight_strategy, args.reweight_r, args.reweight_r_warmup_steps) == ("linupper", 2.0, 2000)
-        assert (args.lr, args.min_lr, args.lr_warmup_iters, args.train_iters) == (3e-4, 3e-5, 2000, 170000)
+        assert (config.preset, par.tensor_model_parallel_size, par.sequence_parallel) == ("llama-7b", 2, True)
+        assert (r.strategy, r.temperature.r, r.temperature.warmup_steps) == ("linupper", 2.0, 2000)
+        assert (o.lr, o.min_lr, o.lr_warmup_iters, o.train_iters) == (3e-4, 3e-5, 2000, 170000)
     elif script.startswith("llama1p4b"):
         assert "plan: 128 sequences x 8192 tokens x 100000 steps = 104.9e9 tokens" in p.stdout
-        assert (args.preset, args.reweight_r, args.train_iters, args.seq_length) == ("llama-1.4b", 1.0, 100000, 8192)
+        assert (config.preset, r.temperature.r, o.train_iters, config.model.seq_length) == (
+            "llama-1.4b",
+            1.0,
+            100000,
+            8192,
+        )
     else:
-        assert (args.preset, args.reweight_r, args.train_iters, args.global_batch_size) == ("gpt2-mini", 0.4, 20000, 32)
-        weights = [float(w) for w in args.data_path[0::2]]
-        assert [Path(p).name for p in args.data_path[1::2]] == SLIMPAJAMA_DOMAINS
+        assert (config.preset, r.temperature.r, o.train_iters, o.global_batch_size) == ("gpt2-mini", 0.4, 20000, 32)
+        data_path = config.data.data_path
+        weights = [float(w) for w in data_path[0::2]]
+        assert [Path(p).name for p in data_path[1::2]] == SLIMPAJAMA_DOMAINS
         assert abs(sum(weights) - 1) < 1e-9
 
 

@@ -4,11 +4,21 @@ the resumable sampler, and the start-up checks of bad input."""
 from pathlib import Path
 
 import pytest
-from _launch import SMALL_MODEL, data_args, make_corpus
 
+from megatron_reweight.arguments import StrategyOptions
+from megatron_reweight.loss import ReweightConfig
 from megatron_reweight.model import transformer_engine_available
-from megatron_reweight.training import PRESETS, ConfigError, build_parser, config_from_args
-from megatron_reweight.training.data import PretrainingSampler, domain_names, padded_vocab_size, parse_blend
+from megatron_reweight.settings import dest_of, flag_of, setting_fields
+from megatron_reweight.training import PRESETS, ConfigError, build_parser, config_from_args, preset_config
+from megatron_reweight.training.config import SECTIONS, TRAINER_DEFAULTS, TrainConfig
+from megatron_reweight.training.data import (
+    PretrainingSampler,
+    domain_names,
+    padded_vocab_size,
+    parse_blend,
+    prepare_data,
+)
+from tests.helpers.pretrain import SMALL_MODEL, data_args, make_corpus
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +38,16 @@ def error(argv, world_size=1) -> str:
     return message
 
 
+def data_error(argv) -> str:
+    """The error of the run's data step (parsing reads no data)."""
+    data = config(argv).data
+    with pytest.raises(ConfigError) as info:
+        prepare_data(data)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
 # --------------------------------------------------------------------------- presets
 def test_presets_follow_the_paper_tables():
     # Table 6 (GPT-2 widths 768: the table's 786 is a typo) and Table 7.
@@ -40,24 +60,36 @@ def test_presets_follow_the_paper_tables():
         "llama-7b": (32, 4096, 32, 8192, 128, 3e-4, 3e-5, 2000, 2.0, 170_000),
     }
     for name, row in expected.items():
-        p = PRESETS[name]
-        got = (p.num_layers, p.hidden_size, p.num_attention_heads, p.seq_length, p.global_batch_size, p.lr,
-               p.min_lr, p.lr_warmup_iters, p.reweight_r, p.train_iters)  # fmt: skip
+        p = preset_config(name)
+        m, o, t = p.model, p.optim, p.reweight.temperature
+        got = (m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length, o.global_batch_size, o.lr,
+               o.min_lr, o.lr_warmup_iters, t.r, o.train_iters)  # fmt: skip
         assert got == row, name
-        assert (p.weight_decay, p.clip_grad, p.reweight_r_warmup_steps) == (0.01, 1.0, p.lr_warmup_iters)
-    assert PRESETS["llama-7b"].ffn_hidden_size == 11008 and PRESETS["llama-7b"].num_query_groups == 32
+        assert (o.weight_decay, o.clip_grad, t.warmup_steps) == (0.01, 1.0, o.lr_warmup_iters)
+    seven = preset_config("llama-7b").model
+    assert seven.ffn_hidden_size == 11008 and seven.num_query_groups == 32
+
+
+def test_a_preset_overrides_declared_settings_only():
+    # Every override names a flag; what a preset leaves out keeps the declared default.
+    flags = {action.dest for action in build_parser()._actions}
+    for name, preset in PRESETS.items():
+        assert set(preset.overrides) <= flags, name
+    assert preset_config("gpt2-mini").optim.adam_eps == preset_config("tiny").optim.adam_eps == 1e-8
+    assert preset_config("tiny").model.num_layers == 4  # the declared defaults are the tiny model
 
 
 def test_llama_presets_have_the_advertised_size():
     # Untied embeddings with a 32000-token vocabulary; SwiGLU has three FFN matrices.
-    def parameters(p, vocab=32000):
+    def parameters(name, vocab=32000):
+        p = preset_config(name).model
         head_dim = p.hidden_size // p.num_attention_heads
         attention = p.hidden_size * (p.hidden_size + 2 * p.num_query_groups * head_dim) + p.hidden_size**2
         layer = attention + 3 * p.hidden_size * p.ffn_hidden_size + 2 * p.hidden_size
         return p.num_layers * layer + 2 * vocab * p.hidden_size + p.hidden_size
 
-    assert 6.6e9 < parameters(PRESETS["llama-7b"]) < 6.8e9  # Llama-2-7B: 6.74B
-    assert 1.3e9 < parameters(PRESETS["llama-1.4b"]) < 1.5e9
+    assert 6.6e9 < parameters("llama-7b") < 6.8e9  # Llama-2-7B: 6.74B
+    assert 1.3e9 < parameters("llama-1.4b") < 1.5e9
 
 
 def test_preset_defaults_and_overrides(corpus, tmp_path):
@@ -79,9 +111,58 @@ def test_preset_defaults_and_overrides(corpus, tmp_path):
     assert (c.model.hidden_size, c.model.num_attention_heads, c.model.num_query_groups) == (1024, 8, 8)
     assert (c.optim.lr, c.reweight.strategy, c.reweight.temperature.r) == (1e-4, "uniform", 3.0)
     c = config(SMALL_MODEL + data_args(corpus, tmp_path) + ["--save", str(tmp_path / "ck")])
-    assert c.data.domains == ["repeat", "markov", "noise"] and c.data.data_weights == [1.0, 1.0, 1.0]
+    data = prepare_data(c.data)
+    assert data.domains == ["repeat", "markov", "noise"] and data.weights == [1.0, 1.0, 1.0]
     assert c.logging.metrics_file == tmp_path / "ck" / "metrics.jsonl"
     assert c.device.device == "cpu" and c.device.bf16 is False and c.device.transformer_impl == "local"
+
+
+# --------------------------------------------------------------------------- declared settings
+def test_every_setting_is_one_flag_with_its_default_in_the_help():
+    parser = build_parser()
+    flags = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    settings = [
+        (f, kind) for _, section in SECTIONS for f, kind in setting_fields(type(getattr(TrainConfig(), section)))
+    ]
+    settings += setting_fields(ReweightConfig) + setting_fields(StrategyOptions)
+    assert len(flags) == len(set(flags))
+    for f, kind in settings:
+        action = next(a for a in parser._actions if flag_of(f) in a.option_strings)
+        assert action.help, flag_of(f)
+        if f.default is not None and kind is not bool and dest_of(f) not in TRAINER_DEFAULTS:
+            assert f"(default {f.default}" in action.help, flag_of(f)
+    # Megatron-LM's names, including its --no-... switches.
+    for flag in ("--no-load-optim", "--no-load-rng", "--dist-ckpt-optim-fully-reshardable", "--calculate-per-token-loss",
+                 "--exit-signal-handler", "--reweight-r-warmup-value"):  # fmt: skip
+        assert flag in flags, flag
+
+
+def test_a_value_comes_from_the_flag_then_the_preset_then_the_trainer_then_the_declaration():
+    c = config(["--preset", "gpt2-mini", "--mock-data", "--reweight-r", "3"])
+    assert c.reweight.temperature.r == 3.0  # the flag over the preset's 0.4
+    assert c.optim.adam_beta2 == 0.999  # the preset over the declared 0.95
+    assert c.reweight.strategy == "linupper"  # the trainer's default over the plugin's
+    assert c.optim.adam_eps == 1e-8 and c.reweight.temperature.warmup_r == 100.0  # declared
+    assert ReweightConfig().strategy == "uniform"  # the plugin's own default is untouched
+    c = config(["--mock-data", "--no-load-optim", "--no-exit-signal-handler", "--calculate-per-token-loss"])
+    assert (c.checkpoint.load_optim, c.checkpoint.load_rng, c.checkpoint.exit_signal_handler) == (False, True, False)
+    assert c.optim.calculate_per_token_loss is True
+
+
+def test_declared_checks_name_the_flag():
+    assert error(["--mock-data", "--lr", "-1"]) == "--lr must be > 0, got -1.0"
+    assert error(["--mock-data", "--eval-iters", "-1"]) == "--eval-iters must be >= 0, got -1"
+    assert error(["--mock-data", "--num-layers", "0"]) == "--num-layers must be > 0, got 0"
+    assert error(["--mock-data", "--vocab-size", "0"]) == "--vocab-size must be > 0, got 0"
+    assert "warmup_steps and anneal_steps must be >= 0" in error(["--mock-data", "--reweight-r-warmup-steps", "-1"])
+
+
+def test_parsing_reads_and_writes_no_data(tmp_path, monkeypatch):
+    """Without --data-path the run builds the demo corpus; parsing only records where."""
+    monkeypatch.chdir(tmp_path)
+    c = config([])
+    assert c.data.data_path is None and c.data.mock_data is False and c.data.demo_data_root == Path("data/demo")
+    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- data pieces
@@ -162,7 +243,7 @@ def test_missing_and_corrupt_data_prefixes_are_named(corpus, tmp_path):
         "--tokenizer-model",
         corpus["tokenizer"],
     ]
-    assert error(args) == f"--data-path prefix {missing}: missing {missing}.idx and {missing}.bin"
+    assert data_error(args) == f"--data-path prefix {missing}: missing {missing}.idx and {missing}.bin"
 
     # A .bin cut short (an interrupted copy) and an index that is not one.
     source = Path(corpus["prefixes"][1])
@@ -170,18 +251,15 @@ def test_missing_and_corrupt_data_prefixes_are_named(corpus, tmp_path):
     (tmp_path / "truncated.idx").write_bytes(source.with_suffix(".idx").read_bytes())
     (tmp_path / "truncated.bin").write_bytes(source.with_suffix(".bin").read_bytes()[:-10])
     args = SMALL_MODEL + ["--data-path", str(truncated), "--tokenizer-model", corpus["tokenizer"]]
-    assert f"--data-path prefix {truncated}: corrupt indexed dataset" in error(args)
+    assert f"--data-path prefix {truncated}: corrupt indexed dataset" in data_error(args)
 
     garbage = tmp_path / "garbage"
     (tmp_path / "garbage.idx").write_bytes(b"not an index at all")
     (tmp_path / "garbage.bin").write_bytes(b"")
     args = SMALL_MODEL + ["--data-path", str(garbage), "--tokenizer-model", corpus["tokenizer"]]
-    assert f"--data-path prefix {garbage}: corrupt indexed dataset" in error(args)
+    assert f"--data-path prefix {garbage}: corrupt indexed dataset" in data_error(args)
 
     bad_tokenizer = tmp_path / "tokenizer.json"
     bad_tokenizer.write_text("{}")
     args = SMALL_MODEL + ["--data-path", corpus["prefixes"][0], "--tokenizer-model", str(bad_tokenizer)]
-    from megatron_reweight.training.trainer import _tokenizer
-
-    with pytest.raises(ConfigError, match="not a Hugging Face tokenizer.json"):
-        _tokenizer(config(args))
+    assert "not a Hugging Face tokenizer.json" in data_error(args)

@@ -8,13 +8,13 @@ gradient shards equal the reference gradient: (1/M) sum_m sum_i w_i f_i with wei
 micro-batch across DP, sum_i w_i f_i with weights over the whole global batch. Negative
 controls: the per-micro-batch window's weights differ from the global-batch window's; with
 dropout on, two plain forward passes differ while the global-batch window's two passes agree
-exactly. See tests/workers/equivalence.py.
+exactly. See tests/integration/workers/equivalence.py.
 """
 
 from pathlib import Path
 
 import pytest
-from distributed import torchrun
+from tests.helpers.distributed import torchrun
 
 WORKER = Path(__file__).parent / "workers" / "equivalence.py"
 

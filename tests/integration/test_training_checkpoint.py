@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-from _launch import SMALL_MODEL, data_args, make_corpus, popen, read_metrics, run
+
+from tests.helpers.pretrain import SMALL_MODEL, data_args, make_corpus, popen, read_metrics, run
 
 ITERS = 12
 COMMON = ["--train-iters", str(ITERS), "--log-interval", "1", "--eval-interval", "6", "--eval-iters", "1",

@@ -15,7 +15,7 @@ The emulated nodes are called n1, n2, ...; those names do not resolve, which is
 why the launch scripts take the master address from ``scontrol show node``
 (NodeAddr, here 127.0.0.1).
 
-Used by tests/test_slurm.py; ``python tests/slurm_cluster.py`` starts one and
+Used by tests/integration/test_slurm.py; ``python -m tests.helpers.slurm_cluster`` starts one and
 keeps it up until Ctrl-C, for trying the scripts by hand.
 """
 

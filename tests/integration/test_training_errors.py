@@ -2,7 +2,8 @@
 printed once (rank 0), and a non-zero exit: in one process and under torchrun."""
 
 import pytest
-from _launch import SMALL_MODEL, data_args, make_corpus, run
+
+from tests.helpers.pretrain import SMALL_MODEL, data_args, make_corpus, run
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,7 @@ import subprocess
 from pathlib import Path
 
 from megatron_reweight.launch import local_torchrun
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def torchrun(nproc: int, script: Path, *args: str, timeout: float = 600, env: dict | None = None):

@@ -1,13 +1,14 @@
 """The equivalence check on one GPU (CUDA, NCCL, Transformer Engine layers when installed).
 
-Skipped without a GPU; the multi-rank layouts run on CPU in tests/test_distributed_equivalence.py."""
+Skipped without a GPU; the multi-rank layouts run on CPU in tests/integration/test_distributed_equivalence.py."""
 
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from distributed import torchrun
+
+from tests.helpers.distributed import torchrun
 
 WORKER = Path(__file__).parent / "workers" / "equivalence.py"
 ON_GPU = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES") or "0"}
@@ -26,7 +27,7 @@ def test_single_gpu_weighted_gradient_matches_reference(tmp_path, strategy):
 def test_trainer_on_one_gpu_learns_in_bf16(tmp_path):
     """pretrain_llama.py's GPU path: NCCL, bf16 with fp32 main weights, Transformer Engine's
     layers when installed, a checkpoint save and a resume."""
-    from _launch import SMALL_MODEL, data_args, make_corpus, read_metrics, run
+    from tests.helpers.pretrain import SMALL_MODEL, data_args, make_corpus, read_metrics, run
 
     corpus = make_corpus(tmp_path / "corpus")
     ckpt = tmp_path / "ckpt"

@@ -41,10 +41,11 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_reweight import ReweightConfig, SampleReweighter, TemperatureSchedule, compute_weights, window
 from megatron_reweight.loss import WINDOWS, check_megatron_config, per_sample_losses
-from megatron_reweight.model import LlamaShape, build_llama, llama_transformer_config, transformer_engine_available
+from megatron_reweight.model import ModelConfig, build_llama, llama_transformer_config, transformer_engine_available
 
-SHAPE = LlamaShape(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                   num_query_groups=2, seq_length=16, vocab_size=128)  # fmt: skip
+SHAPE = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                    num_query_groups=2, seq_length=16)  # fmt: skip
+VOCAB = 128
 MICRO_BATCH = 2
 # One process on a GPU checks the CUDA path (Transformer Engine's layers when installed).
 USE_TE = torch.cuda.is_available() and transformer_engine_available()
@@ -77,11 +78,11 @@ def microbatch_weights(losses: torch.Tensor, args) -> torch.Tensor:
 def reference(args) -> None:
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(1234)
-    model = build_llama(SHAPE, llama_transformer_config(SHAPE), use_transformer_engine=USE_TE)
+    model = build_llama(SHAPE, llama_transformer_config(SHAPE), VOCAB, use_transformer_engine=USE_TE)
 
     samples = args.microbatches * MICRO_BATCH * args.data_parallel
     generator = torch.Generator().manual_seed(7)
-    tokens = torch.randint(0, SHAPE.vocab_size, (samples, SHAPE.seq_length + 1), generator=generator)
+    tokens = torch.randint(0, VOCAB, (samples, SHAPE.seq_length + 1), generator=generator)
     loss_mask = (torch.rand(samples, SHAPE.seq_length, generator=generator) < 0.8).float()
     loss_mask[1] = 0.0  # an all-masked sample: weight 0, no contribution
 
@@ -175,7 +176,7 @@ def build_ddp_model(args, reference_data: dict, per_token_loss: bool, average_in
     """This rank's shard of the reference model, wrapped in megatron's DDP as a trainer does."""
     config = llama_transformer_config(SHAPE, calculate_per_token_loss=per_token_loss)
     config.hidden_dropout = config.attention_dropout = dropout
-    model = build_llama(SHAPE, config, use_transformer_engine=USE_TE)
+    model = build_llama(SHAPE, config, VOCAB, use_transformer_engine=USE_TE)
     initial = local_reference(reference_data["weights_init"], model, args)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -9,11 +9,12 @@ import importlib.util
 import math
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "toy_regression.py"
+from tests.helpers import REPO
+
+BENCHMARK = REPO / "benchmarks" / "toy_regression.py"
 
 
 @pytest.fixture(scope="module")
