@@ -11,9 +11,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from _launch import SMALL_MODEL, _env, command, data_args, make_corpus
 
-from distributed import REPO
+from tests.helpers import REPO
+from tests.helpers.pretrain import SMALL_MODEL, _env, command, data_args, make_corpus
 
 
 def processes_with(marker: str) -> dict[int, str]:
