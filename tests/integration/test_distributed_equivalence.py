@@ -14,6 +14,7 @@ exactly. See tests/integration/workers/equivalence.py.
 from pathlib import Path
 
 import pytest
+
 from tests.helpers.distributed import torchrun
 
 WORKER = Path(__file__).parent / "workers" / "equivalence.py"
