@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements, on a machine with one GPU, in under 8 minutes:
-#   1. tests/test_gpu.py (the equivalence check, the trainer in bf16, no host sync in loss_func);
+#   1. tests/integration/test_gpu.py (the equivalence check, the trainer in bf16, no host sync in loss_func);
 #   2. the reweighting step-time ratio against Megatron's plain loss in a megatron-core loop
 #      (benchmarks/overhead.py --device cuda, DP=1, bf16, Transformer Engine when installed);
 #   3. tokens/s of pretrain_llama.py with and without reweighting on the same shape
@@ -64,8 +64,8 @@ else
     RESULTS_MD=()
 fi
 
-echo "== 1/4 tests/test_gpu.py"
-"$PYTHON" -m pytest -q tests/test_gpu.py
+echo "== 1/4 tests/integration/test_gpu.py"
+"$PYTHON" -m pytest -q tests/integration/test_gpu.py
 
 echo "== 2/4 reweighting step time against Megatron's plain loss ($DEVICE, DP=1)"
 "$PYTHON" -m benchmarks.overhead --device "$DEVICE" --dp-sizes 1 "${OVERHEAD_SHAPE[@]}" --out "$OUT/overhead.json"

@@ -34,10 +34,11 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # noq
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: E402
 
 from megatron_reweight import ReweightConfig, SampleReweighter, TemperatureSchedule, compute_weights  # noqa: E402
-from megatron_reweight.model import LlamaShape, llama_transformer_config  # noqa: E402
+from megatron_reweight.model import ModelConfig, llama_transformer_config  # noqa: E402
 
-SHAPE = LlamaShape(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-                   num_query_groups=2, seq_length=16, vocab_size=64)  # fmt: skip
+SHAPE = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                    num_query_groups=2, seq_length=16)  # fmt: skip
+VOCAB = 64
 EXPERTS, MICRO_BATCH, MICROBATCHES = 4, 2, 2
 STRATEGY, R = "linupper", 0.5
 
@@ -56,7 +57,7 @@ def build() -> GPTModel:
     return GPTModel(
         config=config,
         transformer_layer_spec=get_gpt_layer_local_spec(EXPERTS, moe_grouped_gemm=False, normalization="RMSNorm"),
-        vocab_size=SHAPE.vocab_size,
+        vocab_size=VOCAB,
         max_sequence_length=SHAPE.seq_length,
         share_embeddings_and_output_weights=False,
         position_embedding_type="rope",
@@ -66,8 +67,8 @@ def build() -> GPTModel:
 # The global batch, [microbatch, DP rank, sample, token], with ragged loss masks.
 generator = torch.Generator().manual_seed(1)
 shape = (MICROBATCHES, DP, MICRO_BATCH, SHAPE.seq_length)
-tokens = torch.randint(0, SHAPE.vocab_size, shape, generator=generator)
-labels = torch.randint(0, SHAPE.vocab_size, shape, generator=generator)
+tokens = torch.randint(0, VOCAB, shape, generator=generator)
+labels = torch.randint(0, VOCAB, shape, generator=generator)
 loss_mask = (torch.rand(shape, generator=generator) < 0.8).float()
 positions = torch.arange(SHAPE.seq_length)[None, :].expand(MICRO_BATCH, -1)
 

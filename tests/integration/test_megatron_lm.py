@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import torchrun
 
 from megatron_reweight import compute_weights
 from megatron_reweight.launch import local_torchrun
+from tests.helpers.distributed import torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 MEGATRON_LM = os.environ.get("MEGATRON_LM_PATH")

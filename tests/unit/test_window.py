@@ -1,7 +1,7 @@
 """The weighting window's in-process checks: the window setting is checked at start-up, a
 global-batch reweighter refuses to weigh inside a schedule run without its two passes, and
 pass 2 reads exactly what pass 1 read (one data iterator, or one per virtual pipeline chunk).
-The weights and gradients under every layout: tests/test_distributed_equivalence.py."""
+The weights and gradients under every layout: tests/integration/test_distributed_equivalence.py."""
 
 import pytest
 import torch
