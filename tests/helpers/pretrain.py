@@ -93,11 +93,15 @@ def command(nproc: int, args: list[str]) -> list[str]:
     return local_command(nproc, [str(REPO / "pretrain_llama.py"), *args])
 
 
-def run(nproc: int, args: list[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """Run pretrain_llama.py on `nproc` ranks (plain python for 1); by default fail with its output."""
+def run(
+    nproc: int, args: list[str], timeout: float = 300, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run pretrain_llama.py on `nproc` ranks (plain python for 1), with `env` added to the
+    environment; by default fail with its output."""
     result = subprocess.run(
-        command(nproc, args), capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO, check=False
-    )
+        command(nproc, args), capture_output=True, text=True, timeout=timeout, env={**_env(), **(env or {})},
+        cwd=REPO, check=False,
+    )  # fmt: skip
     if check and result.returncode != 0:
         raise AssertionError(
             f"pretrain_llama.py {' '.join(args)} failed ({result.returncode}):\n"

@@ -3,6 +3,7 @@ printed once (rank 0), and a non-zero exit: in one process and under torchrun.""
 
 import pytest
 
+from tests.helpers import REPO
 from tests.helpers.pretrain import SMALL_MODEL, data_args, make_corpus, run
 
 
@@ -14,7 +15,7 @@ def corpus(tmp_path_factory):
 def error_lines(result) -> list[str]:
     assert result.returncode != 0
     assert "iteration" not in result.stdout  # nothing trained
-    return [line for line in result.stderr.splitlines() if line.startswith("pretrain_llama.py: error:")]
+    return [line for line in result.stderr.splitlines() if line.startswith("pretrain_llama.py: error")]
 
 
 def test_unknown_preset_single_process():
@@ -51,6 +52,17 @@ def test_corrupt_data_prefix_single_process(corpus, tmp_path):
 def test_layout_errors_under_torchrun_are_printed_once(flags, message, corpus, tmp_path):
     result = run(2, SMALL_MODEL + data_args(corpus, tmp_path / "cache") + flags, check=False)
     assert error_lines(result) == [f"pretrain_llama.py: error: {message}"]
+
+
+def test_layout_error_under_torchrun_is_printed_when_rank_0_finds_it_last(corpus, tmp_path):
+    """torchrun stops every rank as soon as one exits with an error: the other ranks must not exit
+    before rank 0 has printed. Here rank 0 starts 25 s late (a loaded node, a slow file system)."""
+    (tmp_path / "sitecustomize.py").write_text("import os, time\nif os.environ.get('RANK') == '0':\n    time.sleep(25)\n")
+    flags = SMALL_MODEL + data_args(corpus, tmp_path / "cache") + ["--global-batch-size", "6"]
+    result = run(2, flags, check=False, env={"PYTHONPATH": f"{tmp_path}:{REPO}"})
+    assert error_lines(result) == [
+        "pretrain_llama.py: error: --global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2 = 4"
+    ]
 
 
 def test_save_directory_of_another_run_is_refused(corpus, tmp_path):
