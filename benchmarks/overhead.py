@@ -46,6 +46,7 @@ import torch
 
 from benchmarks.results_doc import REPO_ROOT, RESULTS_DIR, write_results_section
 from megatron_reweight.launch import local_torchrun
+from megatron_reweight.training.config import preset_config
 
 DEFAULT_OUT = RESULTS_DIR / "overhead.json"
 PLAIN = "plain"
@@ -121,7 +122,6 @@ def build_training(cfg: OverheadConfig):
     from megatron.core.transformer.module import Float16Module
 
     from megatron_reweight.model import build_llama, llama_transformer_config, transformer_engine_available
-    from megatron_reweight.training.config import preset_config
 
     dist.init_process_group("nccl" if on_gpu else "gloo")
     parallel_state.initialize_model_parallel(1, 1)
@@ -195,7 +195,9 @@ def time_training_steps(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     forward_backward = get_forward_backward_func()
-    batches = make_batches(shape, cfg.vocab_size, micro_batch_size, num_microbatches, cfg.seed + dist.get_rank(), cfg.device)
+    batches = make_batches(
+        shape, cfg.vocab_size, micro_batch_size, num_microbatches, cfg.seed + dist.get_rank(), cfg.device
+    )
 
     def forward_step(loss_func, data_iterator, model):
         batch = next(data_iterator)
@@ -351,9 +353,13 @@ def summarise(cfg: OverheadConfig, raw: dict) -> dict:
     } | {"rounds_kept": len(steps[PLAIN]), "variants": variants}
 
 
+_LLAMA_7B = preset_config("llama-7b")
+
+
 @dataclass(frozen=True)
 class ClusterLayout:
-    """Paper 1's 7B run as a Megatron layout (Table 6 shape, Table 7 batch)."""
+    """Paper 1's 7B run as a Megatron layout: the llama-7b preset's shape and batch (Tables 6 and 7)
+    on the launch script's GPUs."""
 
     nodes: int = 8
     gpus_per_node: int = 8
@@ -361,12 +367,12 @@ class ClusterLayout:
     pipeline_parallel: int = 1
     context_parallel: int = 1
     use_distributed_optimizer: bool = True
-    global_batch_size: int = 128
-    micro_batch_size: int = 1
-    seq_length: int = 8192
-    num_layers: int = 32
-    hidden_size: int = 4096
-    ffn_hidden_size: int = 11008
+    global_batch_size: int = _LLAMA_7B.optim.global_batch_size
+    micro_batch_size: int = _LLAMA_7B.optim.micro_batch_size
+    seq_length: int = _LLAMA_7B.model.seq_length
+    num_layers: int = _LLAMA_7B.model.num_layers
+    hidden_size: int = _LLAMA_7B.model.hidden_size
+    ffn_hidden_size: int = _LLAMA_7B.model.ffn_hidden_size
     vocab_size: int = 32000  # Llama-2's tokenizer
     loss_bytes: int = 4  # per-sample losses are gathered in fp32
     grad_bytes: int = 4  # the trainer reduces gradients in fp32 under --bf16 (grad_reduce_in_fp32)
@@ -553,7 +559,9 @@ def main() -> None:
 
     if args.worker:
         values = json.loads(args.worker_config)
-        worker(OverheadConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}), args.worker_out)
+        worker(
+            OverheadConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}), args.worker_out
+        )
         return
 
     from megatron_reweight.training.config import PRESETS

@@ -33,6 +33,10 @@ import contextlib
 import functools
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
 from torch.overrides import TorchFunctionMode
 
 _CPU = torch.device("cpu")
@@ -126,3 +130,77 @@ def enable_megatron_lm_on_cpu() -> None:
     fused_kernels.load = lambda args: None
     if not isinstance(training.initialize_megatron, functools.partial):
         training.initialize_megatron = functools.partial(training.initialize_megatron, allow_no_cuda=True)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along dim 0 over a group; the backward sums gradients and keeps this rank's part."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        size = torch.distributed.get_world_size(ctx.group)
+        rank = torch.distributed.get_rank(ctx.group)
+        return grad.chunk(size, dim=0)[rank], None
+
+
+class ContextParallelCoreAttention(MegatronModule):
+    """Causal core attention for context parallelism without Transformer Engine.
+
+    Each CP rank holds sequence chunks (rank, 2*CP-1-rank) of 2*CP (megatron's
+    load-balanced split). Keys and values are all-gathered over the CP group and the
+    causal mask is built from the chunks' global positions. Made for CPU runs and
+    tests, where sequences are short; on GPUs Transformer Engine's ring attention is used.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"ContextParallelCoreAttention supports causal masks only, got {attn_mask_type}")
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
+        self.cp_group = parallel_state.get_context_parallel_group()
+
+    def _chunk_positions(self, chunk_length: int, rank: int, device) -> torch.Tensor:
+        cp_size = torch.distributed.get_world_size(self.cp_group)
+        chunks = (rank, 2 * cp_size - 1 - rank)
+        return torch.cat([torch.arange(c * chunk_length, (c + 1) * chunk_length, device=device) for c in chunks])
+
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
+        # query [sq, b, np, hn]; key, value [sq, b, ng, hn] for this rank's two chunks.
+        cp_size = torch.distributed.get_world_size(self.cp_group)
+        chunk_length = query.shape[0] // 2
+        key = _GatherSequence.apply(key, self.cp_group)
+        value = _GatherSequence.apply(value, self.cp_group)
+        query_positions = self._chunk_positions(chunk_length, torch.distributed.get_rank(self.cp_group), query.device)
+        key_positions = torch.cat([self._chunk_positions(chunk_length, r, query.device) for r in range(cp_size)])
+
+        heads_per_group = query.shape[2] // key.shape[2]
+        key = key.repeat_interleave(heads_per_group, dim=2)
+        value = value.repeat_interleave(heads_per_group, dim=2)
+        # [b, np, s, hn]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.softmax_scale
+        future = key_positions[None, :] > query_positions[:, None]
+        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1).to(v.dtype)
+        context = torch.matmul(probs, v)  # [b, np, sq, hn]
+        return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)

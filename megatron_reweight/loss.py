@@ -299,13 +299,18 @@ def domain_weights(
     return {f"weight x batch/{name}": pair for name, pair in zip(names, pairs)}
 
 
-def reduce_reports(reports: list[dict[str, torch.Tensor]], group=None) -> dict[str, float]:
-    """Megatron-LM's reduction of loss_func reports: sum [value, count] pairs over
-    microbatches and the DP x CP group, then divide."""
+def sum_reports(reports: list[dict[str, torch.Tensor]], group=None) -> dict[str, torch.Tensor]:
+    """Megatron-LM's reduction of loss_func reports, before the division: each [value, count]
+    pair summed over microbatches and the DP x CP group."""
     if not reports:
         return {}
     keys = sorted(set().union(*reports))
     totals = torch.stack([sum(r[k] for r in reports if k in r) for k in keys])
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(totals, group=group)
-    return {key: float(total[0] / total[1]) for key, total in zip(keys, totals) if total[1] > 0}
+    return dict(zip(keys, totals))
+
+
+def reduce_reports(reports: list[dict[str, torch.Tensor]], group=None) -> dict[str, float]:
+    """Megatron-LM's reduction of loss_func reports: the summed pairs' value / count."""
+    return {key: float(total[0] / total[1]) for key, total in sum_reports(reports, group).items() if total[1] > 0}

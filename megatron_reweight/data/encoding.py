@@ -23,8 +23,9 @@ from megatron_reweight.data.tiktoken_bpe import NoExactFastPath, TiktokenBPE, ex
 
 logger = logging.getLogger(__name__)
 
-# Spellings of "end of document" in common tokenizer.json files (GPT-2 / Llama 3 / Llama 2 / Gemma).
-EOD_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+# Spellings of "end of document" in common tokenizer.json files (GPT-2 / Llama 3 / Llama 2 / Gemma /
+# others), in the order they are looked for, after a tokenizer_config.json's eos_token.
+EOD_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]", "<eod>")
 BACKENDS = ("auto", "tiktoken", "hf")
 VERIFY_EVERY = 64  # documents: 1/64 of the text is also encoded by HF (about 6% more time on the fast path)
 
@@ -75,14 +76,28 @@ def resolve_eod_id(tokenizer: Tokenizer, tokenizer_file: Path, eod_id: int | Non
         if not 0 <= eod_id < vocab_size:
             raise DataPrepError(f"--eod-id {eod_id} is outside the tokenizer's vocabulary (size {vocab_size})")
         return eod_id
-    candidates = [*_config_eos_token(tokenizer_file), *EOD_TOKENS]
-    for token in candidates:
+    eod = find_eod_id(tokenizer, tokenizer_file)
+    if eod is None:
+        raise DataPrepError(
+            f"the tokenizer has no end-of-document token (looked for {', '.join(eod_candidates(tokenizer_file))}); "
+            "pass --eod-id"
+        )
+    return eod
+
+
+def eod_candidates(tokenizer_file: Path) -> list[str]:
+    """The end-of-document spellings looked for, in order: the eos_token of a tokenizer_config.json
+    beside tokenizer.json, then `EOD_TOKENS`."""
+    return [*_config_eos_token(tokenizer_file), *EOD_TOKENS]
+
+
+def find_eod_id(tokenizer: Tokenizer, tokenizer_file: Path) -> int | None:
+    """The end-of-document id, as data preparation and the trainer both resolve it."""
+    for token in eod_candidates(Path(tokenizer_file)):
         token_id = tokenizer.token_to_id(token)
         if token_id is not None:
             return token_id
-    raise DataPrepError(
-        f"the tokenizer has no end-of-document token (looked for {', '.join(candidates)}); pass --eod-id"
-    )
+    return None
 
 
 def _config_eos_token(tokenizer_file: Path) -> list[str]:

@@ -15,7 +15,6 @@ resumable pretraining sampler.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,17 +26,14 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 from megatron_reweight.data.indexed import index_inconsistency
 from megatron_reweight.training.errors import ConfigError
 
-# Special-token spellings of "end of document" in common tokenizer.json files.
-_EOD_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]", "<|eot_id|>", "<eod>")
-
 
 # ----------------------------------------------------------------------------- tokenizers
 class JsonTokenizer(MegatronTokenizerBase):
     """A Hugging Face `tokenizers` tokenizer.json with the attributes megatron-core's
     datasets use: `eod`, `vocab_size`, `unique_identifiers`.
 
-    The end-of-document token is the tokenizer_config.json `eos_token` when that file sits
-    beside tokenizer.json, else the first of the usual spellings among the special tokens."""
+    The end-of-document token is resolved as data preparation resolves it
+    (`megatron_reweight.data.encoding.find_eod_id`)."""
 
     def __init__(self, path: Path | str):
         from tokenizers import Tokenizer
@@ -55,20 +51,15 @@ class JsonTokenizer(MegatronTokenizerBase):
         self.unique_identifiers = {"class": type(self).__name__, "path": str(path.resolve())}
 
     def _find_eod(self, path: Path) -> int:
-        candidates = list(_EOD_TOKENS)
-        config_file = path.with_name("tokenizer_config.json")
-        if config_file.is_file():
-            eos = json.loads(config_file.read_text()).get("eos_token")
-            eos = eos.get("content") if isinstance(eos, dict) else eos
-            if eos:
-                candidates.insert(0, eos)
-        for token in candidates:
-            token_id = self._tokenizer.token_to_id(token)
-            if token_id is not None:
-                return token_id
-        raise ConfigError(
-            f"--tokenizer-model {path}: no end-of-document token found (looked for {', '.join(candidates)})"
-        )
+        from megatron_reweight.data.encoding import eod_candidates, find_eod_id
+
+        eod = find_eod_id(self._tokenizer, path)
+        if eod is None:
+            raise ConfigError(
+                f"--tokenizer-model {path}: no end-of-document token found (looked for "
+                f"{', '.join(eod_candidates(path))})"
+            )
+        return eod
 
     @property
     def vocab_size(self) -> int:

@@ -15,6 +15,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_reweight.loss import sum_reports
 from megatron_reweight.training.data import data_loader
 from megatron_reweight.training.model import parameters_synced
 
@@ -81,11 +82,9 @@ class Validator:
                         or []
                     )
                 if runtime.is_last_stage:
-                    sums = torch.stack([r["lm loss"] for r in reports]).sum(dim=0)
-                    if torch.distributed.get_world_size(group) > 1:
-                        torch.distributed.all_reduce(sums, group=group)
-                    loss = float(sums[0] / sums[1].clamp(min=1))
-                    results[name] = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(sums[1])}
+                    loss_sum, tokens = sum_reports(reports, group)["lm loss"]
+                    loss = float(loss_sum / tokens.clamp(min=1))
+                    results[name] = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(tokens)}
         finally:
             for chunk in model:
                 chunk.train()
