@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -14,27 +13,6 @@ from megatron_reweight.extras import EXTRA_MODULES, MissingExtraError, require_e
 
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-
-
-def run_console_script(name: str, *args: str, blocked: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """The console script as pip installs it (its pyproject.toml target), in a fresh interpreter where
-    the `blocked` modules are not installed."""
-    module, function = PYPROJECT["scripts"][name].split(":")
-    code = (
-        f"import sys; sys.modules.update(dict.fromkeys({list(blocked)!r})); sys.argv[0] = {name!r}; "
-        f"from {module} import {function}; sys.exit({function}())"
-    )
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=REPO, env={"PYTHONPATH": str(REPO)}, capture_output=True, text=True
-    )
-
-
-@pytest.mark.parametrize("name", ["megatron-reweight-prepare", "megatron-reweight-demo"])
-def test_data_commands_without_the_data_extra_name_it(name):
-    result = run_console_script(name, "--help", blocked=("tqdm", "datasets"))
-    assert result.returncode == 2
-    assert result.stderr == f"error: {name} needs datasets, tqdm: pip install 'megatron-reweight[data]'\n"
-    assert result.stdout == ""
 
 
 def test_data_command_runs_its_main_when_the_extra_is_installed(monkeypatch, capsys):
