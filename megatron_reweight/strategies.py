@@ -118,7 +118,7 @@ def normalize_losses(losses: torch.Tensor, delta: float = 1.0, among: torch.Tens
 
 def compute_weights(
     losses: torch.Tensor,
-    strategy: str = "linupper",
+    strategy: str,
     r: float = 1.0,
     delta: float = 1.0,
     **strategy_kwargs,
