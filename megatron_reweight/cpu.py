@@ -15,7 +15,8 @@ fork it, this module redirects those requests to the CPU:
   even where Transformer Engine is missing (a NameError), is told it is absent.
 
 It is active only after `enable_megatron_core_on_cpu()` and only when CUDA is
-absent; it is tested against the pinned megatron-core version (0.16.1).
+absent; it is tested against the oldest and the newest megatron-core of the declared range
+(0.14.0 and 0.16.1, .ci/run).
 
 `enable_megatron_lm_on_cpu()` adds what Megatron-LM's own training loop (core_v0.16.1,
 `megatron.training`) needs on top, for tests that run its unmodified pretrain_gpt.py on CPU:

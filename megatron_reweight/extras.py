@@ -10,6 +10,8 @@ import importlib.util
 EXTRA_MODULES = {
     "data": ("datasets", "pyarrow", "tiktoken", "tqdm"),  # data preparation and the demo corpus
     "train": ("tensorboard",),  # --tensorboard-dir
+    "export": ("transformers", "safetensors"),  # megatron-reweight-export
+    "wandb": ("wandb",),  # --wandb-project
 }
 
 

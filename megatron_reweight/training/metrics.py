@@ -1,5 +1,5 @@
-"""Training and evaluation logs: a console line, TensorBoard scalars, optional Weights &
-Biases, and a JSON-lines file (one record per log step and per evaluation).
+"""Training and evaluation logs: a console line, TensorBoard scalars and histograms, the same in
+Weights & Biases when asked for, and a JSON-lines file (one record per log step and per evaluation).
 
 Only the logging rank (the last rank, which holds the loss, as in Megatron-LM) writes.
 JSON-lines records:
@@ -54,16 +54,16 @@ class MetricsLogger:
 
             self.tensorboard = SummaryWriter(log_dir=str(logging_config.tensorboard_dir), max_queue=100)
         if logging_config.wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                print("warning: --wandb-project given but wandb is not installed; skipping it", flush=True)
-            else:
-                self.wandb = wandb.init(
-                    project=logging_config.wandb_project,
-                    name=logging_config.wandb_exp_name or f"{config.preset}-{config.reweight.strategy}",
-                    config=config.to_dict(), resume="allow",
-                )  # fmt: skip
+            import wandb  # the wandb extra, checked at start-up
+
+            save_dir = logging_config.wandb_save_dir
+            if save_dir is not None:
+                Path(save_dir).mkdir(parents=True, exist_ok=True)
+            self.wandb = wandb.init(
+                project=logging_config.wandb_project,
+                name=logging_config.wandb_exp_name or f"{config.preset}-{config.reweight.strategy}",
+                dir=None if save_dir is None else str(save_dir), config=config.to_dict(), resume="allow",
+            )  # fmt: skip
         if logging_config.metrics_file is not None:
             path = Path(logging_config.metrics_file)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +123,21 @@ class MetricsLogger:
             self.tensorboard.flush()
         if self.wandb is not None:
             self.wandb.log({prefix + k: v for k, v in numeric.items()}, step=iteration)
+
+    def log_histograms(self, iteration: int, values: dict) -> None:
+        """Distributions (1-D tensors) as TensorBoard and W&B histograms, under train/."""
+        if not self.enabled:
+            return
+        for key, tensor in values.items():
+            data = tensor.detach().float().cpu().numpy()
+            if self.tensorboard is not None:
+                self.tensorboard.add_histogram("train/" + key, data, iteration)
+            if self.wandb is not None:
+                import wandb
+
+                self.wandb.log({"train/" + key: wandb.Histogram(data)}, step=iteration)
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
 
     def close(self) -> None:
         if self.tensorboard is not None:

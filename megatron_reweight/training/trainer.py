@@ -129,6 +129,7 @@ def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> Tra
 
         if log.should_log(state.iteration):
             log.log_train(state.iteration, _interval_values(interval, mo, reweighter, state, config, runtime))
+            log.log_histograms(state.iteration, _weight_histograms(reweighter))
             interval = _Interval()
         if validator.should_validate(state.iteration):
             log.log_eval(state.iteration, validator.validate(mo.model))
@@ -224,6 +225,15 @@ def _interval_values(interval: _Interval, mo, reweighter, state, config: TrainCo
         }
     )
     return values
+
+
+def _weight_histograms(reweighter) -> dict:
+    """The latest weighting window's weight x batch and finite per-sample losses (on the last
+    pipeline stage, where the logging rank is; empty elsewhere)."""
+    if reweighter.last_weights is None:
+        return {}
+    weights, losses = reweighter.last_weights, reweighter.last_losses
+    return {"weight x batch": weights * weights.numel(), "sample loss": losses[torch.isfinite(losses)]}
 
 
 def _log_run(log: MetricsLogger, config: TrainConfig, runtime, mo, vocab: int, num_microbatches: int, domains) -> None:
