@@ -129,6 +129,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         for key, tensor in values.items():
+            if tensor.numel() == 0:  # e.g. every sample of the window skipped as non-finite
+                continue
             data = tensor.detach().float().cpu().numpy()
             if self.tensorboard is not None:
                 self.tensorboard.add_histogram("train/" + key, data, iteration)
