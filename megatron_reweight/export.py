@@ -16,14 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from megatron_reweight.extras import MissingExtraError, require_extra
-from megatron_reweight.training.checkpointing import TRACKER_FILENAME, checkpoint_name
-from megatron_reweight.training.data import JsonTokenizer
-from megatron_reweight.training.errors import ConfigError
+
+with warnings.catch_warnings():  # megatron.core's import warns about GPU-only extras the export does not use
+    warnings.simplefilter("ignore")
+    from megatron_reweight.training.checkpointing import TRACKER_FILENAME, checkpoint_name
+    from megatron_reweight.training.data import JsonTokenizer
+    from megatron_reweight.training.errors import ConfigError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -90,7 +94,9 @@ def load_model_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
     metadata = dist_checkpointing.load_tensors_metadata(str(directory))
     model = {key: sharded for key, sharded in metadata.items() if not key.startswith("optimizer.")}
     check_llama_keys(model, directory)
-    loaded = dist_checkpointing.load(model, str(directory), validate_access_integrity=False)
+    with warnings.catch_warnings():  # a deprecation inside megatron-core's own torch_dist reader
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = dist_checkpointing.load(model, str(directory), validate_access_integrity=False)
     return loaded, common
 
 
