@@ -70,7 +70,14 @@ class ReweightConfig:
         "--check-for-nan-in-loss-and-grad does",
         flag="--reweight-skip-nonfinite-samples",
     )
-    window: str = "micro-batch"  # one of WINDOWS
+    window: str = setting(
+        "micro-batch",
+        "the samples weighted together: each micro-batch's across data-parallel ranks (micro-batch x DP), or "
+        "the step's whole global batch as in the papers (one extra forward pass per step; none with one "
+        "micro-batch per step)",
+        flag="--reweight-window",
+        choices=WINDOWS,
+    )
 
     def __post_init__(self) -> None:
         # Fail at start-up, not at the first step, on a bad strategy or option.

@@ -53,7 +53,13 @@ def check_megatron_args(args) -> None:
         )
     if getattr(args, "modelopt_enabled", False):
         raise ValueError("ModelOpt distillation losses are not supported with reweighting; run without ModelOpt")
-    reweight_config_from_args(args)  # a bad strategy or option fails here, before training
+    if reweight_config_from_args(args).window != "micro-batch":  # a bad strategy or option fails here too
+        raise ValueError(
+            "--reweight-window global-batch is not available in Megatron-LM: its train_step runs the step's "
+            "micro-batches once, and that window needs a forward-only pass over them first (pretrain_llama.py "
+            "has it). Use --reweight-window micro-batch; with --micro-batch-size x data-parallel size = "
+            "--global-batch-size one micro-batch is the whole global batch and the two windows are the same"
+        )
 
 
 def _reweighter(args) -> SampleReweighter:

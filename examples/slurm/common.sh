@@ -220,12 +220,12 @@ rw_on_usr1() {
 # RUN_ROOT/RUN_NAME, and requeue the job when it was cut short. The sbatch
 # file sets the run's knobs (variables) and the model flags (arrays):
 #   SEQ_LEN GLOBAL_BATCH MICRO_BATCH TRAIN_ITERS LR MIN_LR LR_WARMUP_ITERS
-#   REWEIGHT_STRATEGY REWEIGHT_R R_WARMUP_STEPS SAVE_INTERVAL EVAL_INTERVAL
+#   REWEIGHT_STRATEGY REWEIGHT_R R_WARMUP_STEPS REWEIGHT_WINDOW SAVE_INTERVAL EVAL_INTERVAL
 #   LOG_INTERVAL TOKENIZER TOKENS_PER_GPU_S; DATA_PATH MODEL_ARGS PARALLEL_ARGS.
 rw_train() {
     : "${RUN_ROOT:?}" "${SEQ_LEN:?}" "${GLOBAL_BATCH:?}" "${MICRO_BATCH:?}" "${TRAIN_ITERS:?}"
     : "${LR:?}" "${MIN_LR:?}" "${LR_WARMUP_ITERS:?}" "${REWEIGHT_STRATEGY:?}" "${REWEIGHT_R:?}"
-    : "${R_WARMUP_STEPS:?}" "${SAVE_INTERVAL:?}" "${EVAL_INTERVAL:?}" "${LOG_INTERVAL:?}"
+    : "${R_WARMUP_STEPS:?}" "${REWEIGHT_WINDOW:?}" "${SAVE_INTERVAL:?}" "${EVAL_INTERVAL:?}" "${LOG_INTERVAL:?}"
     : "${TOKENIZER:?}" "${TOKENS_PER_GPU_S:?}"
     local run_dir=$RUN_ROOT/${RUN_NAME:-$SLURM_JOB_NAME}
     local ckpt_dir=$run_dir/checkpoints log_dir=$run_dir/logs tb_dir=$run_dir/tensorboard
@@ -245,7 +245,7 @@ rw_train() {
         --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS"
         --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$LR_WARMUP_ITERS" --lr-decay-style cosine
         --reweight-strategy "$REWEIGHT_STRATEGY" --reweight-r "$REWEIGHT_R"
-        --reweight-r-warmup-steps "$R_WARMUP_STEPS" --reweight-r-warmup-value 100
+        --reweight-r-warmup-steps "$R_WARMUP_STEPS" --reweight-r-warmup-value 100 --reweight-window "$REWEIGHT_WINDOW"
         --data-path "${DATA_PATH[@]}" --tokenizer-model "$TOKENIZER" --data-cache-path "$RUN_ROOT/data-cache"
         --save "$ckpt_dir" --load "$ckpt_dir" --save-interval "$SAVE_INTERVAL" --exit-signal-handler
         --eval-interval "$EVAL_INTERVAL" --log-interval "$LOG_INTERVAL" --tensorboard-dir "$tb_dir"

@@ -171,10 +171,11 @@ class Preset:
 _GPT2 = dict(
     ffn_hidden_size=3072, seq_length=512, lr=5e-4, min_lr=1e-4, lr_warmup_iters=500, train_iters=20_000,
     reweight_r=0.4, reweight_r_warmup_steps=500, adam_beta2=0.999, eval_interval=2000, eval_iters=10,
+    reweight_window="global-batch",  # Table 7's minibatch is the weighting window
 )  # fmt: skip
 _LLAMA = dict(
     seq_length=8192, global_batch_size=128, micro_batch_size=1, lr=3e-4, min_lr=3e-5, lr_warmup_iters=2000,
-    reweight_r_warmup_steps=2000, eval_interval=5000, eval_iters=10,
+    reweight_r_warmup_steps=2000, eval_interval=5000, eval_iters=10, reweight_window="global-batch",
 )  # fmt: skip
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("CPU-sized model for the demo run, tests and CI (the declared defaults)", dict(

@@ -4,7 +4,7 @@ Weights & Biases when asked for, and a JSON-lines file (one record per log step 
 Only the logging rank (the last rank, which holds the loss, as in Megatron-LM) writes.
 JSON-lines records:
     {"kind": "train", "iteration": 10, "consumed_samples": ..., "lm loss": ..., "weighted loss": ...,
-     "lr": ..., "r": ..., "max weight x batch": ..., "min weight x batch": ...,
+     "lr": ..., "r": ..., "weighting window b/<window>": ..., "max weight x batch": ..., "min weight x batch": ...,
      "effective sample fraction": ..., "weight x batch/<domain>": ..., "grad norm": ...,
      "step time s": ..., "tokens per s": ..., ...}
     {"kind": "eval", "iteration": 50, "domains": {"arxiv": {"loss": ..., "ppl": ...}, ...},
@@ -19,6 +19,10 @@ import json
 import math
 import time
 from pathlib import Path
+
+# The number of samples weighted together, keyed with the window's name
+# ("weighting window b/global-batch"), so the TensorBoard scalar names the window too.
+WINDOW_SIZE = "weighting window b/"
 
 # Console columns, in order: (report key, label, format).
 _CONSOLE = (
@@ -85,6 +89,8 @@ class MetricsLogger:
             return
         self.train_history.append({"iteration": iteration, **values})
         parts = [f"iteration {iteration:>7d}/{self.train_iters}", f"samples {values['consumed_samples']}"]
+        windows = [key for key in values if key.startswith(WINDOW_SIZE)]
+        parts += [f"window {key.removeprefix(WINDOW_SIZE)} b={values[key]}" for key in windows]
         for key, label, fmt in _CONSOLE:
             if key in values and values[key] is not None and math.isfinite(values[key]):
                 parts.append(f"{label} {fmt.format(values[key])}")

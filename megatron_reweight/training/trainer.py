@@ -6,7 +6,9 @@ reweighted loss of `megatron_reweight.loss.SampleReweighter`.
 
 One iteration: zero the grad buffers, run `get_forward_backward_func()` over
 global_batch / (micro_batch x DP) micro-batches (the reweighter's loss_func weights the
-samples of each micro-batch across DP), let `finalize_model_grads` reduce the gradients,
+samples of each micro-batch across DP, or, with --reweight-window global-batch, all samples of
+the step, from a forward-only pass run first: megatron_reweight.window), let
+`finalize_model_grads` reduce the gradients,
 step the optimizer and the LR schedule (counted in samples, as Megatron-LM). After it, the
 logger, the validator, the checkpointer and the exit monitor each decide whether it is
 their turn.
@@ -22,6 +24,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from megatron_reweight import window
 from megatron_reweight.loss import SampleReweighter, reduce_reports
 from megatron_reweight.training import distributed
 from megatron_reweight.training.checkpointing import Checkpointer, check_save_directory
@@ -29,7 +32,7 @@ from megatron_reweight.training.config import TrainConfig
 from megatron_reweight.training.data import build_datasets, data_loader, padded_vocab_size, prepare_data, to_device
 from megatron_reweight.training.errors import ConfigError
 from megatron_reweight.training.evaluation import Validator
-from megatron_reweight.training.metrics import MetricsLogger
+from megatron_reweight.training.metrics import WINDOW_SIZE, MetricsLogger
 from megatron_reweight.training.model import build_model, num_parameters
 from megatron_reweight.training.optimizer import build_optimizer, current_lr
 from megatron_reweight.training.signals import ExitMonitor
@@ -123,7 +126,7 @@ def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> Tra
     interval = _Interval()
     while state.iteration < o.train_iters:
         reweighter.step = state.iteration
-        interval.add(_train_step(mo, train_forward_step, train_iterator, num_microbatches, config, runtime))
+        interval.add(_train_step(mo, reweighter, train_forward_step, train_iterator, num_microbatches, config, runtime))
         state.iteration += 1
         state.consumed_samples += o.global_batch_size
 
@@ -177,23 +180,25 @@ class _Interval:
             self.grad_norms.append(float(step.grad_norm))
 
 
-def _train_step(mo, forward_step_func, data_iterator, num_microbatches: int, config: TrainConfig, runtime):
-    """Megatron-LM's train_step: forward-backward over the micro-batches (gradients reduced
-    by finalize_model_grads inside the schedule), then the optimizer and LR schedule."""
+def _train_step(mo, reweighter, forward_step_func, data_iterator, num_microbatches: int, config: TrainConfig, runtime):
+    """Megatron-LM's train_step: forward-backward over the micro-batches in the reweighter's
+    weighting window (gradients reduced by finalize_model_grads inside the schedule), then the
+    optimizer and LR schedule."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     start = time.perf_counter()
     for chunk in mo.model:
         chunk.zero_grad_buffer()
     mo.optimizer.zero_grad()
-    reports = get_forward_backward_func()(
+    reports = window.forward_backward(
+        reweighter,
+        get_forward_backward_func(),
         forward_step_func=forward_step_func,
         data_iterator=data_iterator,
         model=mo.model,
         num_microbatches=num_microbatches,
         seq_length=config.model.seq_length,  # the full length: the schedule divides by CP (and TP with SP)
         micro_batch_size=config.optim.micro_batch_size,
-        forward_only=False,
     )
     update_successful, grad_norm, _ = mo.optimizer.step()
     if update_successful:
@@ -218,6 +223,7 @@ def _interval_values(interval: _Interval, mo, reweighter, state, config: TrainCo
             "consumed_samples": state.consumed_samples,
             "lr": current_lr(mo.optimizer),
             "r": reweighter.temperature(),
+            WINDOW_SIZE + config.reweight.window: _window_size(config, runtime),
             "grad norm": sum(interval.grad_norms) / len(interval.grad_norms) if interval.grad_norms else math.nan,
             "step time s": step_time,
             "tokens per s": config.optim.global_batch_size * config.model.seq_length / step_time,
@@ -234,6 +240,12 @@ def _weight_histograms(reweighter) -> dict:
         return {}
     weights, losses = reweighter.last_weights, reweighter.last_losses
     return {"weight x batch": weights * weights.numel(), "sample loss": losses[torch.isfinite(losses)]}
+
+
+def _window_size(config: TrainConfig, runtime) -> int:
+    """b, the samples weighted together."""
+    o = config.optim
+    return o.global_batch_size if config.reweight.window == "global-batch" else o.micro_batch_size * runtime.dp_size
 
 
 def _log_run(log: MetricsLogger, config: TrainConfig, runtime, mo, vocab: int, num_microbatches: int, domains) -> None:
@@ -271,7 +283,8 @@ def _log_run(log: MetricsLogger, config: TrainConfig, runtime, mo, vocab: int, n
         f"{num_microbatches} micro-batches | {config.device.device} "
         f"{'bf16' if config.device.bf16 else 'fp32'} {config.device.transformer_impl} | "
         f"reweighting {r.strategy} r={r.temperature.r} "
-        f"(r={r.temperature.warmup_r} for {r.temperature.warmup_steps} steps) | domains {', '.join(domains)}"
+        f"(r={r.temperature.warmup_r} for {r.temperature.warmup_steps} steps), {r.window} window "
+        f"(b={_window_size(config, runtime)}) | domains {', '.join(domains)}"
     )
     log.record({"kind": "run", **summary, "config": config.to_dict()})
 

@@ -222,9 +222,10 @@ def test_full_size_command_line_is_accepted_by_the_trainer(script, tmp_path):
     config = arguments.settings_from_args(arguments.build_parser().parse_args(trainer_args))
     ck, o, r, par = config.checkpoint, config.optim, config.reweight, config.parallel
     assert ck.save == ck.load and ck.exit_signal_handler and ck.exit_signal == "SIGTERM"
+    assert r.window == "global-batch"  # the paper's minibatch is weighted at once
     if script.startswith("llama7b"):
         assert "plan: 128 sequences x 8192 tokens x 170000 steps = 178.3e9 tokens" in p.stdout
-        assert "plan: 64 GPUs at 7000 tokens/s/GPU: 110.5 hours" in p.stdout
+        assert "plan: 64 GPUs at 5250 tokens/s/GPU: 147.4 hours" in p.stdout
         assert "--nnodes=8" in argv and "--nproc-per-node=8" in argv
         assert (config.preset, par.tensor_model_parallel_size, par.sequence_parallel) == ("llama-7b", 2, True)
         assert (r.strategy, r.temperature.r, r.temperature.warmup_steps) == ("linupper", 2.0, 2000)

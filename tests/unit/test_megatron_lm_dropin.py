@@ -40,6 +40,12 @@ def test_supported_settings_pass_and_a_bad_strategy_fails_at_start_up():
         megatron_lm.check_megatron_args(megatron_args("--reweight-strategy", "bogus"))
 
 
+def test_the_global_batch_window_is_refused_naming_what_to_use_instead():
+    megatron_lm.check_megatron_args(megatron_args("--reweight-window", "micro-batch"))
+    with pytest.raises(ValueError, match="not available in Megatron-LM.*Use --reweight-window micro-batch"):
+        megatron_lm.check_megatron_args(megatron_args("--reweight-window", "global-batch"))
+
+
 def test_the_reweighter_follows_the_current_process_groups(monkeypatch):
     groups = {"dp": object(), "cp": object()}
     monkeypatch.setattr(parallel_state, "get_data_parallel_group", lambda with_context_parallel: groups["dp"])

@@ -237,7 +237,9 @@ def check_loss_mode(args, reference_data: dict, window_name: str, per_token_loss
     weights = None
     if parallel_state.is_pipeline_last_stage():
         weights = torch.stack(recorded) if window_name == "micro-batch" else reweighter.last_weights
-        torch.testing.assert_close(weights, expected_weights, rtol=1e-4, atol=1e-6, msg=lambda m: f"weights, {mode}: {m}")
+        torch.testing.assert_close(
+            weights, expected_weights, rtol=1e-4, atol=1e-6, msg=lambda m: f"weights, {mode}: {m}"
+        )
     expected_grads = local_reference(reference_data["grads"][window_name], model, args)
     for name, param in model.named_parameters():
         # Relative to the tensor's norm: fp32 sums in another order differ by ~1e-7 of it,
