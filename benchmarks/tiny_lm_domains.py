@@ -6,10 +6,12 @@ Experiments (`--experiment`):
               Extremes and IR-DRO, 3 seeds each.
   noise       the same, plus a `noise` domain of random token sequences (20% of the training
               samples: unlearnable, high loss); validation perplexity is reported on the clean
-              domains. Which strategies put less weight on the noise, and does it buy clean perplexity?
+              domains. Which strategies put less weight on the noise, and does it buy clean
+              perplexity? Uniform, LinUpper, Quadratic; 1,000 steps, 3 seeds.
   redundancy  the same, plus a `repeated` domain: 8 documents repeated 100 times (in equal share
               with the others: quickly memorised, low loss). Does LinUpper move weight off it
-              (paper 1's argument), and what does that do to the other domains?
+              (paper 1's argument), and what does that do to the other domains? Uniform and
+              LinUpper; 1,000 steps, 3 seeds.
 
 Every run goes through the project's trainer (`pretrain_llama.py`'s code). Within a seed all
 strategies start from the same initialisation and see the same data in the same order
@@ -27,8 +29,8 @@ Resumable: each run's summary is written to `OUT_DIR/NAME/<strategy>-seed<k>.jso
 that run completes; rerunning the same command skips the runs whose file holds the same
 configuration. `--jobs 2` runs two single-threaded runs at a time.
 
-Run:  python -m benchmarks.tiny_lm_domains --jobs 2                        (15 runs, ~1.2 h on 2 cores)
-      python -m benchmarks.tiny_lm_domains --experiment noise --jobs 2       (6 runs, ~10 min)
+Run:  python -m benchmarks.tiny_lm_domains --jobs 2                        (15 runs, ~45 min on 2 cores)
+      python -m benchmarks.tiny_lm_domains --experiment noise --jobs 2       (9 runs, ~15 min)
       python -m benchmarks.tiny_lm_domains --experiment redundancy --jobs 2  (6 runs, ~10 min)
 Out:  docs/results/NAME.json, NAME_*.png, NAME/ (one file per run), the NAME block of docs/results.md
 """
@@ -36,6 +38,7 @@ Out:  docs/results/NAME.json, NAME_*.png, NAME/ (one file per run), the NAME blo
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -107,10 +110,11 @@ class LMConfig:
 # shorter and compare fewer strategies, to fit the CPU budget.
 EXPERIMENTS = {
     "domains": {},
-    "noise": {"strategies": ("uniform", "linupper"), "train_iters": 1000, "reweight_r_warmup_steps": 100},
+    "noise": {"strategies": ("uniform", "linupper", "quadratic"), "train_iters": 1000, "reweight_r_warmup_steps": 100},
     "redundancy": {"strategies": ("uniform", "linupper"), "train_iters": 1000, "reweight_r_warmup_steps": 100},
 }  # fmt: skip
 NOISE_SHARE = 0.2  # of the training samples
+CONTROLLED_DOMAINS = ("noise", "repeated")  # left out of the mean perplexity
 REPEATED_DOCUMENTS = 8
 REPEATS = 100
 
@@ -118,14 +122,13 @@ REPEATS = 100
 # --- data: the demo corpus, plus the controlled domain --------------------------------------
 
 
-def experiment_data(experiment: str, work_dir: Path) -> tuple[list[str], list[str]]:
-    """(pretrain_llama.py data flags, the clean domains) for an experiment. The controlled
-    domain is written under `work_dir` on first use (deterministic, so every run sees the same)."""
+def experiment_data(experiment: str, work_dir: Path) -> list[str]:
+    """pretrain_llama.py's data flags for an experiment. The controlled domain is written under
+    `work_dir` on first use, once per demo tokenizer (deterministic, so every run sees the same)."""
     from megatron_reweight.data.demo import ensure_demo_data
 
     demo = ensure_demo_data(REPO_ROOT / "data" / "demo")
     prefixes = demo.data_path[1::2]
-    clean = list(demo.domains)
     extra = {"domains": None, "noise": ("noise", NOISE_SHARE), "redundancy": ("repeated", 1 / (len(prefixes) + 1))}
     if experiment not in extra:
         raise SystemExit(f"--experiment {experiment}: choose one of {', '.join(extra)}")
@@ -134,14 +137,15 @@ def experiment_data(experiment: str, work_dir: Path) -> tuple[list[str], list[st
         all_prefixes = list(prefixes)
     else:
         name, share = extra[experiment]
-        prefix = work_dir / experiment / name
+        corpus = hashlib.sha256(demo.tokenizer_path.read_bytes()).hexdigest()[:12]
+        prefix = work_dir / experiment / corpus / name
         if not Path(f"{prefix}.idx").is_file():
             write = write_noise_domain if experiment == "noise" else write_repeated_domain
             write(prefixes, prefix, demo.vocab_size, demo.eod_id)
         weights = [(1 - share) / len(prefixes)] * len(prefixes) + [share]
         all_prefixes = [*prefixes, str(prefix)]
     data_path = [token for w, p in zip(weights, all_prefixes) for token in (f"{w:.6f}", p)]
-    return ["--data-path", *data_path, "--tokenizer-model", str(demo.tokenizer_path)], clean
+    return ["--data-path", *data_path, "--tokenizer-model", str(demo.tokenizer_path)]
 
 
 def _documents(prefix: str):
@@ -316,15 +320,21 @@ def launch(cfg: LMConfig, strategy: str, seed: int, data_args: list[str], out: P
     print(f"{time.strftime('%H:%M:%S')} done {strategy} seed {seed} in {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def sweep(cfg: LMConfig, run_dir: Path, data_args: list[str], jobs: int) -> dict[tuple[str, int], dict]:
+def sweep(cfg: LMConfig, run_dir: Path, work_dir: Path, jobs: int) -> dict[tuple[str, int], dict]:
     """Every (strategy, seed) run, seed by seed; runs already saved with this configuration are reused."""
     run_dir.mkdir(parents=True, exist_ok=True)
     todo = [(s, seed) for seed in cfg.seeds for s in cfg.strategies if completed(run_file(run_dir, s, seed), cfg) is None]
     print(f"{cfg.experiment}: {len(todo)} of {len(cfg.strategies) * len(cfg.seeds)} runs to do", flush=True)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for future in [pool.submit(launch, cfg, s, seed, data_args, run_file(run_dir, s, seed)) for s, seed in todo]:
-            future.result()
-    return {(s, seed): completed(run_file(run_dir, s, seed), cfg) for seed in cfg.seeds for s in cfg.strategies}
+    if todo:
+        data_args = experiment_data(cfg.experiment, work_dir)
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for future in [pool.submit(launch, cfg, s, seed, data_args, run_file(run_dir, s, seed)) for s, seed in todo]:
+                future.result()
+    runs = {(s, seed): completed(run_file(run_dir, s, seed), cfg) for seed in cfg.seeds for s in cfg.strategies}
+    corpora = {tuple(run["domains"]) for run in runs.values()}
+    if len(corpora) > 1:  # e.g. the demo corpus gained a source between runs
+        raise SystemExit(f"the runs in {run_dir} were trained on different domains {sorted(corpora)}: delete it and rerun")
+    return runs
 
 
 # --- analysis --------------------------------------------------------------------------------
@@ -486,7 +496,7 @@ def plot(cfg: LMConfig, analysis: dict, out_dir: Path, name: str) -> dict[str, s
             ax.axhline(1.0, color="gray", lw=0.8)
             ax.axvline(cfg.reweight_r_warmup_steps, color="red", ls=":", lw=0.8)
             ax.set(title=f"{LABELS.get(s, s)} (r = {w['r']:g})", xlabel="step")
-        axes.flat[0].set_ylabel(f"mean weight × b per domain ({cfg.weight_window}-step windows)")
+        axes.flat[0].set_ylabel(f"mean weight × b ({cfg.weight_window}-step windows)")
         axes.flat[0].legend(fontsize=8)
         fig.tight_layout()
         plots["weights"] = f"{name}_weights.png"
@@ -506,12 +516,13 @@ def markdown_section(report: dict) -> str:
     seconds = list(report["run_seconds"].values())
     r_text = ", ".join(f"{LABELS.get(s, s)} {report['reweight'][s]['r']:g}" for s in cfg["strategies"] if s != "uniform")
     lines = [
-        f"Command: `{report['command']}` ({report['date']}; {len(seconds)} runs of {np.mean(seconds):.0f} s each on average "
-        f"({sum(seconds) / 3600:.1f} core-hours), one thread per run, on a shared {report['machine']['cpus']}-core CPU).",
+        f"Command: `{report['command']}` ({report['date']}; {len(seconds)} runs, {np.mean(seconds):.0f} s each on average, "
+        f"one thread per run, two at a time, on a shared {report['machine']['cpus']}-core CPU).",
         "",
         (
-            f"Model: `{cfg['preset']}` preset, {report['parameters'] / 1e6:.2f}M parameters, sequence {cfg['seq_length']} "
-            f"(the preset's is 128); {cfg['train_iters']} steps of b = {cfg['batch_size']} sequences "
+            f"Model: the `{cfg['preset']}` preset narrowed to {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, FFN "
+            f"{cfg['ffn_hidden_size']}, {cfg['num_attention_heads']} heads in {cfg['num_query_groups']} KV group(s), sequence "
+            f"{cfg['seq_length']}: {report['parameters'] / 1e6:.2f}M parameters; {cfg['train_iters']} steps of b = {cfg['batch_size']} sequences "
             f"({cfg['train_iters'] * cfg['batch_size'] * cfg['seq_length'] / 1e6:.2f}M tokens), one micro-batch per step, so each "
             f"step's weights span the whole batch; the preset's LR (cosine, linear warm-up {cfg['lr_warmup_iters']} steps) for "
             f"every strategy; r = {WARMUP_R:g} for the first {cfg['reweight_r_warmup_steps']} steps, then r = {r_text}; "
@@ -639,8 +650,8 @@ def main() -> None:
     cfg = config_from_args(args)
     name = args.name or f"tiny_lm_{args.experiment}"
     start = time.perf_counter()
-    data_args, clean = experiment_data(cfg.experiment, args.work_dir)
-    runs = sweep(cfg, args.out_dir / name, data_args, args.jobs)
+    runs = sweep(cfg, args.out_dir / name, args.work_dir, args.jobs)
+    clean = [d for d in next(iter(runs.values()))["domains"] if d not in CONTROLLED_DOMAINS]
     analysis = analyse(cfg, runs, clean)
     plots = plot(cfg, analysis, args.out_dir, name)
 

@@ -40,7 +40,8 @@ def smoke(tmp_path_factory):
 def test_noise_domain_is_random_tokens_with_clean_lengths(smoke):
     demo = ensure_demo_data(REPO / "data" / "demo")
     clean = [d for prefix in demo.data_path[1::2] for d in lm._documents(prefix)]
-    noise = lm._documents(str(smoke / "work" / "noise" / "noise"))
+    (prefix,) = (smoke / "work" / "noise").glob("*/noise.idx")  # one folder per demo tokenizer
+    noise = lm._documents(str(prefix.with_suffix("")))
     assert len(noise) == round(len(clean) * lm.NOISE_SHARE / (1 - lm.NOISE_SHARE))
     assert {len(d) for d in noise} <= {len(d) for d in clean}
     for document in noise:
@@ -80,6 +81,7 @@ def test_rerun_reuses_finished_runs_of_the_same_configuration(smoke):
     cfg = lm.config_from_args(args)
     run_dir = smoke / "tiny_lm_noise"
     before = {p: p.stat().st_mtime_ns for p in run_dir.glob("*.json")}
-    lm.sweep(cfg, run_dir, data_args=["--never-used"], jobs=2)  # nothing left to launch
+    lm.sweep(cfg, run_dir, work_dir=smoke / "missing", jobs=2)  # nothing left to launch, no data made
     assert {p: p.stat().st_mtime_ns for p in run_dir.glob("*.json")} == before
+    assert not (smoke / "missing").exists()
     assert lm.completed(run_dir / "uniform-seed1.json", replace(cfg, train_iters=5)) is None
