@@ -6,7 +6,6 @@ tensorboard's reader, the W&B run from its transaction log (run-*.wandb)."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -55,18 +54,15 @@ def tensorboard_events(log_dir: Path):
     return events
 
 
-def test_wandb_offline_logs_what_tensorboard_logs(tmp_path):
+def test_wandb_offline_logs_what_tensorboard_logs(tmp_path, monkeypatch):
     corpus = make_corpus(tmp_path / "corpus")
     args = SMALL_MODEL + data_args(corpus, tmp_path / "cache") + [
         "--train-iters", "4", "--log-interval", "1", "--eval-interval", "2", "--eval-iters", "1",
         "--tensorboard-dir", str(tmp_path / "tb"), "--wandb-project", "reweight-test",
         "--wandb-exp-name", "offline-check", "--wandb-save-dir", str(tmp_path / "wandb"),
     ]  # fmt: skip
-    os.environ["WANDB_MODE"] = "offline"
-    try:
-        run(1, args)
-    finally:
-        del os.environ["WANDB_MODE"]
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network: the run is written locally only
+    run(1, args)
 
     (run_dir,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")
     rows = wandb_history(run_dir)
