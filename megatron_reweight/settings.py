@@ -120,10 +120,23 @@ def check_settings(config, error: type[Exception] = ValueError) -> None:
         value = getattr(config, f.name)
         if is_dataclass(value):
             check_settings(value, error)
-        elif is_setting(f) and f.metadata["check"] is not None and value is not None:
-            reason = f.metadata["check"](value)
-            if reason:
-                raise error(f"{flag_of(f)} {reason}, got {value}")
+        elif is_setting(f):
+            _check(f, value, error)
+
+
+def check_values(cls, values: dict, error: type[Exception] = ValueError) -> None:
+    """Run the declared checks of `cls`'s settings on `values` (keyed by flag dest), e.g. on the
+    flags a user gave before other settings are derived from them: an error then names what the
+    user wrote, not a value derived from it."""
+    for f, _ in setting_fields(cls):
+        _check(f, values.get(dest_of(f)), error)
+
+
+def _check(f, value, error: type[Exception]) -> None:
+    if f.metadata["check"] is not None and value is not None:
+        reason = f.metadata["check"](value)
+        if reason:
+            raise error(f"{flag_of(f)} {reason}, got {value}")
 
 
 def to_dict(value):

@@ -15,7 +15,7 @@ import sys
 
 from megatron_reweight.arguments import add_reweight_args, reweight_config_from_args
 from megatron_reweight.extras import MissingExtraError, require_extra
-from megatron_reweight.settings import add_arguments, build, check_settings
+from megatron_reweight.settings import add_arguments, build, check_settings, check_values
 from megatron_reweight.training.config import PRESETS, SECTIONS, TRAINER_DEFAULTS, TrainConfig, preset_config
 from megatron_reweight.training.errors import ConfigError
 
@@ -60,6 +60,7 @@ def settings_from_args(args: argparse.Namespace) -> TrainConfig:
     depend on this machine, such as --device auto, are resolved)."""
     preset = PRESETS[args.preset].overrides
     given = {name: value for name, value in vars(args).items() if value is not None}
+    check_values(TrainConfig, given, ConfigError)  # what the user wrote, before anything derived from it
     values = {**TRAINER_DEFAULTS, **preset, **given}
     defaults = preset_config(args.preset)
     # The preset's warm-ups are cut to fit a shortened run.
@@ -124,11 +125,7 @@ def validate(config: TrainConfig, world_size: int) -> None:
     _check_device(config)
     _check_data(config)
     _check_checkpoint(config)
-    if config.logging.wandb_project:
-        try:
-            require_extra("wandb", "--wandb-project")
-        except MissingExtraError as error:
-            raise ConfigError(str(error)) from None
+    _check_extras(config)
 
 
 def _check_layout(config: TrainConfig, world_size: int) -> None:
@@ -211,8 +208,11 @@ def _check_checkpoint(config: TrainConfig) -> None:
         raise ConfigError(f"--exit-signal {ck.exit_signal}: unknown signal")
     if ck.save_interval and ck.save is None:
         raise ConfigError("--save-interval needs --save DIR")
-    if ck.save is not None and ck.save.exists() and not ck.save.is_dir():
-        raise ConfigError(f"--save {ck.save}: exists and is not a directory")
+    for flag, directory in (("--save", ck.save), ("--load", ck.load)):
+        if directory is not None and directory.exists() and not directory.is_dir():
+            raise ConfigError(f"{flag} {directory}: exists and is not a directory")
+    if ck.load is not None and ck.load.is_dir() and not os.access(ck.load, os.R_OK | os.X_OK):
+        raise ConfigError(f"--load {ck.load}: permission denied (the checkpoint directory must be readable)")
     if ck.dist_ckpt_optim_fully_reshardable:
         from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 
@@ -227,6 +227,22 @@ def _check_checkpoint(config: TrainConfig) -> None:
             raise ConfigError(
                 "--save needs the psutil package (megatron-core's checkpoint writer): pip install psutil"
             ) from None
+
+
+def _check_extras(config: TrainConfig) -> None:
+    """The optional packages the run needs, named with the extra that installs them."""
+    needs = []
+    if config.data.data_path is None and not config.data.mock_data:
+        needs.append(("data", "the demo corpus (no --data-path given)", ", or pass --data-path or --mock-data"))
+    if config.logging.tensorboard_dir is not None:
+        needs.append(("train", "--tensorboard-dir", ""))
+    if config.logging.wandb_project:
+        needs.append(("wandb", "--wandb-project", ""))
+    for extra, needed_for, alternative in needs:
+        try:
+            require_extra(extra, needed_for)
+        except MissingExtraError as error:
+            raise ConfigError(f"{error}{alternative}") from None
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

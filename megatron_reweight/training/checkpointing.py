@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,9 +57,12 @@ def read_tracker(root: Path | None) -> int | None:
     if root is None:
         return None
     tracker = Path(root) / TRACKER_FILENAME
-    if not tracker.is_file():
+    if not tracker.exists():
         return None
-    text = tracker.read_text().strip()
+    try:
+        text = tracker.read_text().strip()
+    except OSError as error:
+        raise ConfigError(f"--load {root}: cannot read {tracker} ({error.strerror or error})") from None
     try:
         iteration = int(text)
     except ValueError:
@@ -311,7 +315,11 @@ def load_checkpoint(root: Path | None, mo, config) -> tuple[TrainState, dict, li
     if load_optimizer:
         _materialize_torch_adam_state(mo.optimizer)
     sharded = _sharded_state_dict(mo, state, {}, metadata, is_loading=True, optimizer=load_optimizer, rng=load_rng)
-    loaded = dist_checkpointing.load(sharded, str(directory), sharded_strategy=("torch_dist", 1))
+    with warnings.catch_warnings():
+        # megatron-core 0.16's torch_dist loader calls torch APIs that torch deprecates: nothing to act on.
+        warnings.filterwarnings("ignore", r"`load_state_dict` is deprecated", FutureWarning, r"megatron\.core")
+        warnings.filterwarnings("ignore", r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning)
+        loaded = dist_checkpointing.load(sharded, str(directory), sharded_strategy=("torch_dist", 1))
 
     with torch.no_grad():  # the fp32 distributed optimizer copies into views of the parameters
         unwrap_model(mo.model[0]).load_state_dict(loaded["model"], strict=True)
@@ -406,6 +414,10 @@ class Checkpointer:
         root = self.config.checkpoint.load
         loaded = load_checkpoint(root, self.mo, self.config) if root is not None else None
         if loaded is None:
+            if root is not None:  # as Megatron-LM: a first run of a requeued job starts this way
+                self.log.print(
+                    f"warning: --load {root}: no checkpoint found (no {TRACKER_FILENAME}); training starts from random"
+                )
             return TrainState()
         state, common, notes = loaded
         self.saved_at, self.last_checkpoint = state.iteration, str(checkpoint_name(root, state.iteration))

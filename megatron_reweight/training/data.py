@@ -5,8 +5,9 @@ resumable pretraining sampler.
   `BlendedMegatronDatasetBuilder` from Megatron's `--data-path` syntax
   (`PREFIX` | `W1 PREFIX1 W2 PREFIX2 ...` | `PREFIX1 PREFIX2 ...`), or `MockGPTDataset`.
 * `--split` carves every prefix's documents into train/valid/test exactly as Megatron does.
-  The training blend is built from the train part only; each prefix (domain) also gets its
-  own validation `GPTDataset` from its valid part, for per-domain validation loss.
+  The training blend is built from the train part only; each domain also gets its own
+  validation set from its prefixes' valid parts, for per-domain validation loss. A domain is
+  the input's domain whatever the sharding (`megatron_reweight.data.domains`).
 * `PretrainingSampler` is Megatron's sequential pretraining sampler: the datasets are
   already shuffled, so the run's position is the number of consumed samples. Each
   micro-batch step takes the next micro_batch_size x DP samples and DP rank d keeps
@@ -23,6 +24,7 @@ import numpy
 import torch
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from megatron_reweight.data.domains import prefix_domains
 from megatron_reweight.data.indexed import index_inconsistency
 from megatron_reweight.training.errors import ConfigError
 
@@ -156,19 +158,6 @@ def parse_blend(tokens: list[str]) -> tuple[list[str], list[float] | None]:
     return [p.strip() for p in tokens], None
 
 
-def domain_names(prefixes: list[str]) -> list[str]:
-    """A domain is named by its prefix's basename; repeated names get a numeric suffix."""
-    names: list[str] = []
-    for prefix in prefixes:
-        name = os.path.basename(prefix.rstrip("/")) or prefix
-        candidate, n = name, 1
-        while candidate in names:
-            n += 1
-            candidate = f"{name}_{n}"
-        names.append(candidate)
-    return names
-
-
 def check_indexed_dataset(prefix: str) -> int:
     """Read the .idx of a Megatron indexed dataset and check the .bin length against it,
     without megatron-core (whose reader prints noise on a bad file). Returns the number of
@@ -228,8 +217,16 @@ class TrainingData:
     tokenizer: MegatronTokenizerBase
     prefixes: list[str] | None  # the blend's dataset prefixes; None with --mock-data
     weights: list[float] | None
-    domains: list[str]  # a name per prefix (["mock"] with --mock-data)
+    domains: list[str]  # the domains' names (["mock"] with --mock-data)
     cache_path: Path | None
+    # The domain (index into `domains`) of each prefix: the shards of one prepared domain are that domain.
+    domain_of_prefix: list[int] | None = None
+
+    def prefixes_of(self, domain: int) -> tuple[list[str], list[float] | None]:
+        """A domain's prefixes and their blend weights."""
+        chosen = [i for i, owner in enumerate(self.domain_of_prefix) if owner == domain]
+        weights = None if self.weights is None else [self.weights[i] for i in chosen]
+        return [self.prefixes[i] for i in chosen], weights
 
 
 def prepare_data(data) -> TrainingData:
@@ -248,16 +245,15 @@ def prepare_data(data) -> TrainingData:
     prefixes, weights = parse_blend(data_path)
     for prefix in prefixes:
         check_indexed_dataset(prefix)
-    return TrainingData(JsonTokenizer(tokenizer_model), prefixes, weights, domain_names(prefixes), cache_path)
+    names = prefix_domains(prefixes)
+    domains = list(dict.fromkeys(names))
+    tokenizer = JsonTokenizer(tokenizer_model)
+    return TrainingData(tokenizer, prefixes, weights, domains, cache_path, [domains.index(name) for name in names])
 
 
 def _demo_data(root: Path):
-    try:
-        from megatron_reweight.data.demo import ensure_demo_data
-    except ImportError as error:
-        raise ConfigError(
-            f"no --data-path given and the demo corpus is unavailable ({error}); pass --data-path or --mock-data"
-        ) from None
+    from megatron_reweight.data.demo import ensure_demo_data  # the `data` extra, checked at start-up
+
     return ensure_demo_data(root)
 
 
@@ -314,14 +310,15 @@ def build_datasets(
 
     valid = {}
     if eval_samples:
-        for name, prefix in zip(source.domains, source.prefixes):
-            config = _only_split(_dataset_config(source, split, seq_length, seed, ([prefix], None)), Split.valid.value)
+        for domain, name in enumerate(source.domains):
+            blend = source.prefixes_of(domain)
+            config = _only_split(_dataset_config(source, split, seq_length, seed, blend), Split.valid.value)
             sizes = [0, eval_samples, 0]
             try:
                 valid[name] = BlendedMegatronDatasetBuilder(GPTDataset, sizes, built_on_every_rank, config).build()[1]
             except (AssertionError, IndexError, ValueError) as error:
                 raise ConfigError(
-                    f"--data-path prefix {prefix}: too few documents for a validation split with --split "
+                    f"--data-path prefix {' '.join(blend[0])}: too few documents for a validation split with --split "
                     f"{split} ({error or type(error).__name__})"
                 ) from None
     return Datasets(train=train, valid=valid)

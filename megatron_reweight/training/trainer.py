@@ -66,8 +66,13 @@ def make_forward_step(device: torch.device):
     return forward_step
 
 
-def weighted_loss_func(reweighter: SampleReweighter, batch: dict, output_tensor: torch.Tensor):
-    return reweighter.loss_func(batch["loss_mask"], output_tensor, batch["dataset_id"])
+def weighted_loss_func(
+    reweighter: SampleReweighter, domain_of_dataset: torch.Tensor | None, batch: dict, output_tensor: torch.Tensor
+):
+    """`domain_of_dataset[dataset_id]`: the domain of a blend's sample (a domain may be several shards)."""
+    dataset_ids = batch["dataset_id"]
+    domain_ids = None if dataset_ids is None else domain_of_dataset[dataset_ids.to(domain_of_dataset.device).long()]
+    return reweighter.loss_func(batch["loss_mask"], output_tensor, domain_ids)
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -116,7 +121,10 @@ def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> Tra
         )  # fmt: skip
         train_iterator = iter(loader)
     forward_step = make_forward_step(runtime.device)
-    train_forward_step = partial(forward_step, loss_func=partial(weighted_loss_func, reweighter))
+    domain_of_dataset = None  # with a blend: the domain of each dataset_id
+    if data.domain_of_prefix is not None:
+        domain_of_dataset = torch.tensor(data.domain_of_prefix, device=runtime.device)
+    train_forward_step = partial(forward_step, loss_func=partial(weighted_loss_func, reweighter, domain_of_dataset))
     validator = Validator(config, datasets.valid, runtime, forward_step, num_microbatches)
 
     # --- the loop -----------------------------------------------------------------------
