@@ -306,6 +306,13 @@ def _quiet_logging() -> None:
     logging.basicConfig(
         level=logging.WARNING if rank == 0 else logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
     )
+    # Notices of megatron-core that say nothing a user of this trainer can act on: the rerun state
+    # machine is off by design, and mock data needs no index cache.
+    for logger, notice in (
+        ("megatron.core.rerun_state_machine", "RerunStateMachine initialized in mode RerunMode.DISABLED"),
+        ("megatron.core.datasets.gpt_dataset", "Unable to save MockGPTDataset indexes because path_to_cache is None"),
+    ):
+        logging.getLogger(logger).addFilter(lambda record, notice=notice: record.getMessage() != notice)
 
 
 def main(argv: list[str] | None = None) -> int:
