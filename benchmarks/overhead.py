@@ -132,7 +132,6 @@ def build_training(cfg: OverheadConfig):
         preset.model,
         num_layers=cfg.num_layers or preset.model.num_layers,
         seq_length=cfg.seq_length or preset.model.seq_length,
-        vocab_size=cfg.vocab_size,
     )
     config = llama_transformer_config(shape, bf16=on_gpu)
     model = build_llama(shape, config, cfg.vocab_size, use_transformer_engine=on_gpu and transformer_engine_available())

@@ -58,12 +58,12 @@ class WindowCostConfig:
     preset: str = "tiny"
     vocab_size: int = 4096
     strategy: str = "linupper"
-    rounds: int = 60
+    rounds: int = 40
     warmup_rounds: int = 5
     seed: int = 0
     bootstrap_samples: int = 2000
     # Cheap-mode distance: (window size b, trainer steps), the first 10 of them the r warm-up.
-    cheap_mode_runs: tuple[tuple[int, int], ...] = ((16, 200), (128, 60))
+    cheap_mode_runs: tuple[tuple[int, int], ...] = ((16, 200), (128, 40))
 
 
 def worker(cfg: WindowCostConfig, out: Path) -> None:
@@ -76,7 +76,8 @@ def worker(cfg: WindowCostConfig, out: Path) -> None:
     model, optimizer, shape, micro_batch_size, num_microbatches = build_training(
         OverheadConfig(preset=cfg.preset, vocab_size=cfg.vocab_size, seed=cfg.seed)
     )
-    batches = make_batches(shape, micro_batch_size, num_microbatches, cfg.seed + dist.get_rank(), "cpu")
+    seed = cfg.seed + dist.get_rank()
+    batches = make_batches(shape, cfg.vocab_size, micro_batch_size, num_microbatches, seed, "cpu")
     r = 0.4  # the tiny preset's temperature after its warm-up
     reweighters = {
         name: SampleReweighter.from_parallel_state(ReweightConfig(cfg.strategy, TemperatureSchedule(r), window=name))
