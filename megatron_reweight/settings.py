@@ -75,18 +75,19 @@ def setting_fields(cls) -> list[tuple[Any, Any]]:
 
 def add_arguments(group, cls, defaults: dict | None = None, note: Callable[[str], str] | None = None) -> None:
     """Add a flag for every setting of `cls` (nested config classes included). `defaults`
-    replaces declared defaults in the help text; `note(dest)` may append to it."""
+    replaces declared defaults in the help text; `note(dest)` may add a remark after the default."""
     defaults = defaults or {}
     for f, kind in setting_fields(cls):
         dest = dest_of(f)
         default = defaults.get(dest, f.default)
-        help_text = f.metadata["help"]
-        if default is not None and default is not MISSING and kind is not bool:
-            help_text += f" (default {default})"
-        elif kind is bool:
-            help_text += f" (default {'on' if default else 'off'})" if default is not None else ""
-        if note is not None:
-            help_text += note(dest)
+        notes = []
+        if kind is bool and default is not None:
+            notes.append(f"default {'on' if default else 'off'}")
+        elif default is not None and default is not MISSING:
+            notes.append(f"default {default}")
+        if note is not None and note(dest):
+            notes.append(note(dest))
+        help_text = f.metadata["help"] + (f" ({'; '.join(notes)})" if notes else "")
         kwargs: dict = {"default": None, "help": help_text.replace("%", "%%"), "dest": dest}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

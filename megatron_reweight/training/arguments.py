@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _preset_note(dest: str) -> str:
-    return ", or the preset's" if any(dest in preset.overrides for preset in PRESETS.values()) else ""
+    return "a preset may set its own" if any(dest in preset.overrides for preset in PRESETS.values()) else ""
 
 
 def build_parser() -> argparse.ArgumentParser:
