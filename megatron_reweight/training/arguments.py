@@ -213,6 +213,10 @@ def _check_checkpoint(config: TrainConfig) -> None:
             raise ConfigError(f"{flag} {directory}: exists and is not a directory")
     if ck.load is not None and ck.load.is_dir() and not os.access(ck.load, os.R_OK | os.X_OK):
         raise ConfigError(f"--load {ck.load}: permission denied (the checkpoint directory must be readable)")
+    if ck.ckpt_step is not None and ck.load is None:
+        raise ConfigError("--ckpt-step needs --load DIR")
+    if config.optim.override_opt_param_scheduler and config.optim.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other")
     if ck.dist_ckpt_optim_fully_reshardable:
         from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 

@@ -18,6 +18,7 @@ the previous complete checkpoint. Loading a missing or empty directory starts af
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 import time
@@ -29,9 +30,11 @@ import numpy
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
 
+from megatron_reweight.checkpoint_checksums import read_checksums, record_checksums, size_problems, verify_checksums
 from megatron_reweight.processes import bind_checkpoint_writer_to_this_process
 from megatron_reweight.training.errors import ConfigError
 
@@ -260,6 +263,8 @@ def save_checkpoint(root: Path, state: TrainState, mo, config) -> Path:
     bind_checkpoint_writer_to_this_process()
     dist_checkpointing.save(sharded, str(partial), sharded_strategy=("torch_dist", 1), content_metadata=metadata)
     dist.barrier()
+    if config.checkpoint.ckpt_checksums:
+        record_checksums(partial)
 
     if rank == 0:
         if final.exists():
@@ -282,7 +287,7 @@ def load_checkpoint(root: Path | None, mo, config) -> tuple[TrainState, dict, li
 
     Returns (state, common part of the checkpoint, notes on what was left out), or None when
     there is nothing to load."""
-    iteration = read_tracker(root)
+    iteration = read_tracker(root) if config.checkpoint.ckpt_step is None else _requested_step(root, config)
     # All ranks must agree (Megatron-LM takes the maximum); -1 = nothing to load.
     found = torch.tensor([-1 if iteration is None else iteration], dtype=torch.long, device=_device())
     dist.all_reduce(found, op=dist.ReduceOp.MAX)
@@ -290,7 +295,18 @@ def load_checkpoint(root: Path | None, mo, config) -> tuple[TrainState, dict, li
         return None
     iteration = int(found)
     directory = checkpoint_name(root, iteration)
+    _verify_files(root, iteration, config)
+    try:
+        return _load(root, directory, mo, config)
+    except ConfigError:
+        raise
+    except (EOFError, OSError, RuntimeError, AttributeError, KeyError, ValueError, pickle.UnpicklingError,
+            CheckpointingException) as error:  # fmt: skip
+        reason = f"cannot be read ({type(error).__name__}: {error})"
+        raise ConfigError(damaged_checkpoint(root, iteration, [reason], verdict="")) from None
 
+
+def _load(root: Path, directory: Path, mo, config) -> tuple[TrainState, dict, list[str]]:
     common = dist_checkpointing.load_common_state_dict(str(directory))
     _check_same_model(root, common.get("train_config", {}).get("model", {}), config)
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or _optimizer_metadata(
@@ -330,6 +346,7 @@ def load_checkpoint(root: Path | None, mo, config) -> tuple[TrainState, dict, li
             mo.optimizer.reload_model_params()
     if load_optimizer:
         _restore_torch_adam_steps(mo.optimizer, loaded["optimizer"])
+    _check_schedule(root, mo.scheduler, loaded["opt_param_scheduler"], config)
     mo.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
         _restore_rng_state(loaded["rng_state"])
@@ -374,6 +391,82 @@ def _check_same_model(root, saved: dict, config) -> None:
                 f"--load {root}: the checkpoint's model has {name} {saved[name]}, this run "
                 f"{getattr(config.model, name)} (--{name.replace('_', '-')})"
             )
+
+
+def _requested_step(root: Path, config) -> int:
+    """--ckpt-step N: that checkpoint instead of the tracker's latest (Megatron-LM's flag)."""
+    step = config.checkpoint.ckpt_step
+    if not checkpoint_name(root, step).is_dir():
+        raise ConfigError(f"--ckpt-step {step}: {checkpoint_name(root, step)} does not exist; {_older(root, None)}")
+    return step
+
+
+def _verify_files(root: Path, iteration: int, config) -> None:
+    """Every file against the checksums recorded at save (the same verdict on every rank)."""
+    files = read_checksums(checkpoint_name(root, iteration))
+    if files is None or not config.checkpoint.ckpt_checksums:
+        return
+    problems = verify_checksums(checkpoint_name(root, iteration), files)
+    if problems:
+        raise ConfigError(damaged_checkpoint(root, iteration, problems))
+
+
+def damaged_checkpoint(root: Path, iteration: int, problems: list[str], verdict: str = "is damaged: ") -> str:
+    more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+    return (
+        f"--load {root}: the checkpoint of iteration {iteration} {verdict}{problems[0]}{more}; "
+        f"{_older(root, iteration)}"
+    )
+
+
+def _older(root: Path, below: int | None) -> str:
+    """Which complete checkpoints the user can fall back to, and how."""
+    complete = []
+    for directory in sorted(Path(root).glob("iter_*"), reverse=True):
+        try:
+            iteration = int(directory.name.removeprefix("iter_"))
+        except ValueError:  # iter_NNNNNNN.incomplete: a save that did not finish
+            continue
+        files = read_checksums(directory)
+        # Without checksums (saved by an older version) a checkpoint cannot be told incomplete: listed.
+        if (below is None or iteration < below) and (files is None or not size_problems(directory, files)):
+            complete.append(iteration)
+    if not complete:
+        return f"no complete checkpoint{' before it' if below else ''} is left: start afresh with another --load"
+    listed = ", ".join(map(str, complete))
+    return f"complete checkpoints: iteration {listed}; load one with --ckpt-step {complete[0]}"
+
+
+# The scheduler's state-dict entries, the flags that set them and their unit in samples (per iteration: gbs).
+_SCHEDULE = {
+    "max_lr": ("--lr", False),
+    "min_lr": ("--min-lr", False),
+    "lr_warmup_steps": ("--lr-warmup-iters", True),
+    "lr_decay_steps": ("--lr-decay-iters (default: --train-iters)", True),
+    "lr_decay_style": ("--lr-decay-style", False),
+    "start_wd": ("--weight-decay", False),
+    "wd_incr_steps": ("--train-iters", True),
+}
+
+
+def _check_schedule(root: Path, scheduler, saved: dict, config) -> None:
+    """Megatron's rule for a resumed learning-rate schedule: the same settings, unless
+    --override-opt-param-scheduler (this run's) or --use-checkpoint-opt-param-scheduler (the checkpoint's)."""
+    if scheduler.override_opt_param_scheduler or scheduler.use_checkpoint_opt_param_scheduler:
+        return
+    gbs = config.optim.global_batch_size
+    differences = [
+        f"{flag} {saved[key] // gbs if per_iteration else saved[key]} in the checkpoint, "
+        f"{getattr(scheduler, key) // gbs if per_iteration else getattr(scheduler, key)} now"
+        for key, (flag, per_iteration) in _SCHEDULE.items()
+        if key in saved and saved[key] != getattr(scheduler, key)
+    ]
+    if differences:
+        raise ConfigError(
+            f"--load {root}: the learning-rate schedule differs from the checkpoint's ({'; '.join(differences)}); "
+            "resume with the same settings, or add --override-opt-param-scheduler to follow this run's "
+            "schedule or --use-checkpoint-opt-param-scheduler to keep the checkpoint's"
+        )
 
 
 def data_changes(common: dict, config) -> list[str]:

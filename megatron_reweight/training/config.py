@@ -51,6 +51,18 @@ class OptimConfig:
     calculate_per_token_loss: bool = setting(
         False, "Megatron's per-token loss mode: gradients divided by the token count (the same weighted gradient)"
     )
+    override_opt_param_scheduler: bool = setting(
+        False, "on resume, follow this run's learning-rate schedule settings instead of refusing a change"
+    )
+    use_checkpoint_opt_param_scheduler: bool = setting(
+        False, "on resume, keep the checkpoint's learning-rate schedule settings instead of refusing a change"
+    )
+    check_for_nan_in_loss_and_grad: bool = setting(
+        True, "stop at a NaN/Inf loss or gradient, before that step's update and without saving it"
+    )
+    check_for_spiky_loss: bool = setting(
+        False, "flag a loss 10x the largest of the first 100 micro-batches (a warning; the step is not saved)"
+    )
 
 
 @dataclass
@@ -85,6 +97,8 @@ class CheckpointConfig:
         "schedule continue (e.g. to change TP/PP under the distributed optimizer)",
     )  # fmt: skip
     load_rng: bool = setting(True, "load the saved RNG states on resume")
+    ckpt_step: int | None = setting(None, "resume from this iteration's checkpoint instead of the latest", check=positive)
+    ckpt_checksums: bool = setting(True, "record a checksum of every checkpoint file at save, verify them at load")
     exit_duration_in_mins: float | None = setting(None, "save and exit after this many minutes", check=positive)
     exit_interval: int | None = setting(None, "save and exit when iteration % N == 0", check=positive)
     exit_signal_handler: bool = setting(True, "on --exit-signal: save a checkpoint (with --save) and exit 0")

@@ -54,8 +54,8 @@ def build_optimizer(config: TrainConfig, model: list[DistributedDataParallel]) -
         end_wd=o.weight_decay,
         wd_incr_steps=o.train_iters * gbs,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
+        use_checkpoint_opt_param_scheduler=o.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=o.override_opt_param_scheduler,
     )
     return ModelAndOptimizer(model, optimizer, scheduler)
 
