@@ -9,8 +9,7 @@ exactly those calls, so a reweighted run keeps them on the loss Megatron would h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +20,9 @@ SPIKY_LOSS_FACTOR = 10  # pretrain_gpt.py's: a loss 10x the largest observed is 
 class LossChecks:
     nan_and_inf: bool = True  # --check-for-nan-in-loss-and-grad
     spiky: bool = False  # --check-for-spiky-loss
+    # What the non-fatal (spiky) check flagged since the caller last cleared it: a trainer saves
+    # no checkpoint of a flagged step.
+    flagged: list[str] = field(default_factory=list, compare=False)
 
     @classmethod
     def from_args(cls, args) -> LossChecks:
@@ -41,11 +43,16 @@ class LossChecks:
                     fatal=True,
                 )
         if self.spiky:
+
+            def spiky(result: torch.Tensor) -> bool:
+                large = rerun_state_machine.is_unexpectedly_large(result, threshold=SPIKY_LOSS_FACTOR, context="loss")
+                if large:
+                    self.flagged.append(f"spiky loss {float(result):.4g}")
+                return large
+
             rerun_state_machine.validate_result(
                 result=loss,
-                rejection_func=partial(
-                    rerun_state_machine.is_unexpectedly_large, threshold=SPIKY_LOSS_FACTOR, context="loss"
-                ),
+                rejection_func=spiky,
                 message="Spiky loss",
                 tolerance=0.0,
                 fatal=False,

@@ -35,6 +35,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
 
 from megatron_reweight.checkpoint_checksums import read_checksums, record_checksums, size_problems, verify_checksums
+from megatron_reweight.loss_checks import LossChecks
 from megatron_reweight.processes import bind_checkpoint_writer_to_this_process
 from megatron_reweight.training.errors import ConfigError
 
@@ -497,8 +498,8 @@ class Checkpointer:
     """The run's checkpoints: resumes from --load, and saves to --save at every
     --save-interval, on an early exit and at the end of training, at most once per iteration."""
 
-    def __init__(self, config, mo, log):
-        self.config, self.mo, self.log = config, mo, log
+    def __init__(self, config, mo, log, loss_checks: LossChecks | None = None):
+        self.config, self.mo, self.log, self.loss_checks = config, mo, log, loss_checks
         self.saved_at: int | None = None
         self.last_checkpoint: str | None = None  # the latest saved or loaded
 
@@ -537,8 +538,19 @@ class Checkpointer:
         root = self.config.checkpoint.save
         if root is None or self.saved_at == state.iteration:
             return
+        if self._step_flagged():
+            self.log.print(f"not saving a checkpoint of iteration {state.iteration}: it failed --check-for-spiky-loss")
+            return
         start = time.perf_counter()
         with parameters_synced(self.mo.model):
             path = save_checkpoint(root, state, self.mo, self.config)
         self.saved_at, self.last_checkpoint = state.iteration, str(path)
         self.log.print(f"saved checkpoint {path} ({reason}, {time.perf_counter() - start:.1f}s)")
+
+    def _step_flagged(self) -> bool:
+        """Whether the loss checks flagged the last step on any rank (all must agree to save)."""
+        if self.loss_checks is None:
+            return False
+        flagged = torch.tensor([float(bool(self.loss_checks.flagged))], device=_device())
+        dist.all_reduce(flagged, op=dist.ReduceOp.MAX)
+        return bool(flagged.item())

@@ -143,8 +143,12 @@ def parse_blend(tokens: list[str]) -> tuple[list[str], list[float] | None]:
                 except ValueError:
                     continue
                 raise ConfigError(f"--data-path: expected a dataset prefix after a weight, got the number {prefix}")
-            if any(not (w >= 0 and numpy.isfinite(w)) for w in weights) or sum(weights) <= 0:
-                raise ConfigError(f"--data-path: blend weights must be >= 0 with a positive sum, got {weights}")
+            for weight, prefix in zip(weights, prefixes):
+                if not (weight > 0 and numpy.isfinite(weight)):
+                    raise ConfigError(
+                        f"--data-path: weight {weight:g} for {prefix}: blend weights must be positive and finite "
+                        "(megatron-core's blend has no weight 0); leave the prefix out of --data-path to exclude it"
+                    )
             return prefixes, weights
     for token in tokens:
         try:
@@ -248,6 +252,7 @@ def prepare_data(data) -> TrainingData:
     names = prefix_domains(prefixes)
     domains = list(dict.fromkeys(names))
     tokenizer = JsonTokenizer(tokenizer_model)
+    check_prepared_tokenizer(prefixes, tokenizer)
     return TrainingData(tokenizer, prefixes, weights, domains, cache_path, [domains.index(name) for name in names])
 
 
@@ -257,6 +262,75 @@ def _demo_data(root: Path):
     return ensure_demo_data(root)
 
 
+def check_prepared_tokenizer(prefixes: list[str], tokenizer: JsonTokenizer) -> None:
+    """Data made by megatron_reweight.data.prepare records its tokenizer (summary.json beside the
+    prefixes): its ids mean other tokens under another tokenizer, and may exceed the vocabulary."""
+    from megatron_reweight.data.encoding import tokenizer_sha256
+
+    for prefix in prefixes:
+        summary_file = Path(prefix).parent / "summary.json"
+        if not summary_file.is_file():
+            continue
+        recorded = json.loads(summary_file.read_text())["settings"]["tokenizer"]
+        if recorded["sha256"] != tokenizer_sha256(tokenizer._tokenizer):
+            raise ConfigError(
+                f"--data-path prefix {prefix} was tokenised with another tokenizer (vocabulary "
+                f"{recorded['vocab_size']}, {summary_file}) than --tokenizer-model "
+                f"{tokenizer.unique_identifiers['path']} (vocabulary {tokenizer.vocab_size}); pass the tokenizer "
+                "the data was prepared with, or prepare the data again with this one"
+            )
+
+
+def check_token_ids(batch: dict, vocab_size: int, dataset_names: list[str]) -> None:
+    """Token ids beyond the tokenizer's vocabulary (data tokenised with another tokenizer): below the
+    padded vocabulary they train silently, above it the embedding fails. Checked on the host copy;
+    `dataset_names` names the domain of each blend dataset_id."""
+    tokens = torch.cat([batch["tokens"], batch["labels"][:, -1:]], dim=1)
+    if int(tokens.max()) < vocab_size and int(tokens.min()) >= 0:
+        return
+    bad = (tokens >= vocab_size) | (tokens < 0)
+    sample = int(bad.any(dim=1).nonzero()[0])
+    dataset_id = batch.get("dataset_id")
+    domain = f" of domain {dataset_names[int(dataset_id[sample])]}" if dataset_id is not None else ""
+    raise ConfigError(
+        f"token id {int(tokens[sample][bad[sample]][0])} in a sample{domain} is outside the tokenizer's vocabulary "
+        f"(ids 0..{vocab_size - 1}): the data was tokenised with another tokenizer; pass the one it was made with "
+        "as --tokenizer-model, or prepare the data again"
+    )
+
+
+def _sequence_count(prefix: str) -> int:
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER
+
+    with open(f"{prefix}.idx", "rb") as file:
+        file.seek(len(_INDEX_HEADER) + 8 + 1)
+        return int(numpy.frombuffer(file.read(8), dtype="<u8")[0])
+
+
+def check_splits(source: TrainingData, split: str, with_validation: bool) -> None:
+    """Every prefix must give each split it is built for at least one document: megatron-core
+    waits forever building a split of 0 tokens (gpt_dataset's _get_num_epochs)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    needed = [("training", matrix[0])] + ([("validation", matrix[1])] if with_validation else [])
+    for prefix, domain in zip(source.prefixes, source.domain_of_prefix):
+        name, count = source.domains[domain], _sequence_count(prefix)
+        for split_name, bounds in needed:
+            # megatron-core's split of `count` sequences (blended_megatron_dataset_builder)
+            if bounds is not None and int(round(bounds[1] * count)) - int(round(bounds[0] * count)) < 1:
+                fix = " or --eval-iters 0 to train without validation" if split_name == "validation" else ""
+                raise ConfigError(
+                    f"--data-path prefix {prefix} (domain {name}): its {count} documents leave the {split_name} "
+                    f"split empty with --split {split}; give the domain more documents or the "
+                    f"{split_name} split a larger share of --split{fix}"
+                )
+
+
+# ----------------------------------------------------------------------------- datasets
 @dataclass
 class Datasets:
     train: torch.utils.data.Dataset
@@ -302,6 +376,7 @@ def build_datasets(
         train, valid, _ = BlendedMegatronDatasetBuilder(MockGPTDataset, sizes, built_on_every_rank, config).build()
         return Datasets(train=train, valid={"mock": valid} if eval_samples else {})
 
+    check_splits(source, split, with_validation=eval_samples > 0)
     blend = (source.prefixes, source.weights)
     config = _only_split(_dataset_config(source, split, seq_length, seed, blend), Split.train.value)
     if config.split_matrix[Split.train.value] is None:

@@ -14,6 +14,10 @@ class ConfigError(ValueError):
     """A problem with the command line, the data or the parallel layout."""
 
 
+class TrainingStopped(RuntimeError):
+    """A step failed Megatron's loss or gradient checks: the run stops without saving that step."""
+
+
 def report_config_error(error: BaseException, exit_code: int = 2) -> None:
     """Print `error: ...` once and exit non-zero.
 

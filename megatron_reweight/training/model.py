@@ -39,7 +39,7 @@ def build_model(config: TrainConfig, padded_vocab_size: int) -> list[Distributed
         overlap_grad_reduce=config.parallel.overlap_grad_reduce,
         overlap_param_gather=config.parallel.overlap_param_gather,
         use_distributed_optimizer=config.parallel.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        check_for_nan_in_grad=config.optim.check_for_nan_in_loss_and_grad,
         # Pre-scaling by 1/(DP x CP): the weighted loss's scaling is exact with either loss mode
         # (loss.check_megatron_config refuses per-token loss with averaging in the collective).
         average_in_collective=False,

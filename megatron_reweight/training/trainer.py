@@ -17,6 +17,7 @@ their turn.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,11 +27,19 @@ import torch.distributed as dist
 
 from megatron_reweight import window
 from megatron_reweight.loss import SampleReweighter, reduce_reports
+from megatron_reweight.loss_checks import LossChecks
 from megatron_reweight.training import distributed
 from megatron_reweight.training.checkpointing import Checkpointer, check_save_directory
 from megatron_reweight.training.config import TrainConfig
-from megatron_reweight.training.data import build_datasets, data_loader, padded_vocab_size, prepare_data, to_device
-from megatron_reweight.training.errors import ConfigError
+from megatron_reweight.training.data import (
+    build_datasets,
+    check_token_ids,
+    data_loader,
+    padded_vocab_size,
+    prepare_data,
+    to_device,
+)
+from megatron_reweight.training.errors import ConfigError, TrainingStopped
 from megatron_reweight.training.evaluation import Validator
 from megatron_reweight.training.metrics import WINDOW_SIZE, MetricsLogger
 from megatron_reweight.training.model import build_model, num_parameters
@@ -48,15 +57,17 @@ class TrainResult:
     checkpoint: str | None = None  # the last checkpoint saved (or loaded)
 
 
-def make_forward_step(device: torch.device):
-    """Megatron's forward_step_func: read a micro-batch, slice it for context parallelism,
-    run the model. The caller binds `loss_func(batch, output_tensor)` (weighted or unweighted)."""
+def make_forward_step(device: torch.device, vocab_size: int, dataset_names: list[str]):
+    """Megatron's forward_step_func: read a micro-batch, check its token ids, slice it for context
+    parallelism, run the model. The caller binds `loss_func(batch, output_tensor)` (weighted or unweighted)."""
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     def forward_step(data_iterator, model, loss_func):
         if data_iterator is None:  # a middle pipeline stage: input comes from the previous stage
             return model(None, None, None, labels=None), partial(loss_func, None)
-        batch = to_device(next(data_iterator), device)
+        batch = next(data_iterator)
+        check_token_ids(batch, vocab_size, dataset_names)
+        batch = to_device(batch, device)
         sequences = get_batch_on_this_cp_rank({k: batch[k] for k in ("tokens", "labels", "loss_mask", "position_ids")})
         # A blend (several --data-path prefixes) tells each sample's domain; one dataset does not.
         sequences["dataset_id"] = batch.get("dataset_id")
@@ -108,8 +119,9 @@ def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> Tra
         config.eval.eval_iters * o.global_batch_size,
     )  # fmt: skip
     mo = build_optimizer(config, build_model(config, vocab))
-    reweighter = SampleReweighter.from_parallel_state(config.reweight, data.domains)
-    checkpointer = Checkpointer(config, mo, log)
+    checks = LossChecks(nan_and_inf=o.check_for_nan_in_loss_and_grad, spiky=o.check_for_spiky_loss)
+    reweighter = SampleReweighter.from_parallel_state(config.reweight, data.domains, checks=checks)
+    checkpointer = Checkpointer(config, mo, log, checks)
     state = checkpointer.load()
     _log_run(log, config, runtime, mo, vocab, num_microbatches, data.domains)
 
@@ -120,10 +132,12 @@ def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> Tra
             config.data.num_workers,
         )  # fmt: skip
         train_iterator = iter(loader)
-    forward_step = make_forward_step(runtime.device)
     domain_of_dataset = None  # with a blend: the domain of each dataset_id
+    dataset_names = data.domains
     if data.domain_of_prefix is not None:
         domain_of_dataset = torch.tensor(data.domain_of_prefix, device=runtime.device)
+        dataset_names = [data.domains[domain] for domain in data.domain_of_prefix]
+    forward_step = make_forward_step(runtime.device, data.tokenizer.vocab_size, dataset_names)
     train_forward_step = partial(forward_step, loss_func=partial(weighted_loss_func, reweighter, domain_of_dataset))
     validator = Validator(config, datasets.valid, runtime, forward_step, num_microbatches)
 
@@ -134,7 +148,14 @@ def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> Tra
     interval = _Interval()
     while state.iteration < o.train_iters:
         reweighter.step = state.iteration
-        interval.add(_train_step(mo, reweighter, train_forward_step, train_iterator, num_microbatches, config, runtime))
+        checks.flagged.clear()
+        try:
+            step = _train_step(mo, reweighter, train_forward_step, train_iterator, num_microbatches, config, runtime)
+        except RuntimeError as error:
+            raise _stopped(error, state.iteration + 1, checkpointer.saved_at) from error
+        interval.add(step)
+        for flag in checks.flagged:
+            log.print(f"warning: iteration {state.iteration + 1}: {flag} (--check-for-spiky-loss)")
         state.iteration += 1
         state.consumed_samples += o.global_batch_size
 
@@ -186,6 +207,19 @@ class _Interval:
         self.skipped += not step.update_successful
         if step.grad_norm is not None:
             self.grad_norms.append(float(step.grad_norm))
+
+
+def _stopped(error: RuntimeError, iteration: int, saved_at: int | None) -> BaseException:
+    """A failed --check-for-nan-in-loss-and-grad (megatron-core's rerun state machine raises it in
+    the loss function or the gradient reduction, before the optimizer step) as one clear line."""
+    found = re.search(r"message='([^']*)'", str(error))
+    if "Unexpected result" not in str(error) or found is None:
+        return error
+    last = f"the latest checkpoint is iteration {saved_at}" if saved_at is not None else "no checkpoint was saved"
+    return TrainingStopped(
+        f"iteration {iteration}: {found[1]} (--check-for-nan-in-loss-and-grad): training stopped before this "
+        f"step's update, which is not saved; {last}. Lower --lr or check the data, then resume with --load"
+    )
 
 
 def _train_step(mo, reweighter, forward_step_func, data_iterator, num_microbatches: int, config: TrainConfig, runtime):
@@ -325,4 +359,6 @@ def main(argv: list[str] | None = None) -> int:
         train(parse_config(argv))
     except ConfigError as error:
         report_config_error(error)
+    except TrainingStopped as error:
+        report_config_error(error, exit_code=1)
     return 0

@@ -71,3 +71,20 @@ def test_nonfinite_sum_of_finite_tokens_never_poisons_the_loss():
     assert float(report["reweight skipped samples"][0]) == 1
     assert torch.isfinite(loss) and float(loss.detach()) == pytest.approx(1.5)
     assert torch.isfinite(per_token.grad).all()
+
+
+def test_spiky_loss_is_flagged_after_megatrons_warm_up_of_100_losses(monkeypatch):
+    from megatron.core import rerun_state_machine
+
+    from megatron_reweight.loss_checks import LossChecks
+
+    monkeypatch.setattr(rerun_state_machine, "_GLOBAL_RERUN_STATE_MACHINE", rerun_state_machine.RerunStateMachine())
+    if not torch.cuda.is_available():  # megatron-core's warning names the CUDA device
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    checks = LossChecks(spiky=True)
+    for loss in torch.linspace(1.0, 2.0, 100):  # megatron-core's estimate of the largest normal loss
+        checks.validate(loss)
+    checks.validate(torch.tensor(19.9))
+    assert checks.flagged == []
+    checks.validate(torch.tensor(20.0))  # 10x the largest seen
+    assert checks.flagged == ["spiky loss 20"]
