@@ -73,7 +73,8 @@ def read_tracker(root: Path | None) -> int | None:
         raise ConfigError(f"--load {root}: {TRACKER_FILENAME} holds {text!r}, not an iteration") from None
     if not checkpoint_name(root, iteration).is_dir():
         raise ConfigError(
-            f"--load {root}: {TRACKER_FILENAME} names iteration {iteration} but {checkpoint_name(root, iteration)} is missing"
+            f"--load {root}: {TRACKER_FILENAME} names iteration {iteration} but {checkpoint_name(root, iteration)} is "
+            f"missing; {_older(root, iteration)}"
         )
     return iteration
 
