@@ -171,7 +171,7 @@ def test_megatron_blend_syntax():
     assert parse_blend(["/d/a", "/d/b"]) == (["/d/a", "/d/b"], None)
     with pytest.raises(ConfigError, match="WEIGHT1 PREFIX1"):
         parse_blend(["0.3", "/d/a", "/d/b"])
-    with pytest.raises(ConfigError, match="weights must be >= 0"):
+    with pytest.raises(ConfigError, match="weights must be positive"):
         parse_blend(["-1", "/d/a", "2", "/d/b"])
 
 
