@@ -75,17 +75,15 @@ def build_model(preset: str):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_reweight.model import LlamaShape, build_llama, llama_transformer_config
-    from megatron_reweight.training.config import PRESETS
+    from megatron_reweight.model import build_llama, llama_transformer_config
+    from megatron_reweight.training.config import preset_config
 
-    p = PRESETS[preset]
-    shape = LlamaShape(p.num_layers, p.hidden_size, p.ffn_hidden_size, p.num_attention_heads, p.num_query_groups,
-                       p.seq_length, vocab_size=32000)  # fmt: skip
+    shape = preset_config(preset).model
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
         model_parallel_cuda_manual_seed(0)
     with torch.no_grad():
-        return build_llama(shape, llama_transformer_config(shape, bf16=True), use_transformer_engine=False)
+        return build_llama(shape, llama_transformer_config(shape, bf16=True), 32000, use_transformer_engine=False)
 
 
 def time_checksums(preset: str, folder: Path, repeats: int) -> dict:
