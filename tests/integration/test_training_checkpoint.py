@@ -88,8 +88,10 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_zero(corpus, tmp_path):
     stale = ckpt / f"iter_{saved + 2:07d}.incomplete"
     stale.mkdir()
     (stale / "common.pt").write_bytes(b"partial")
+    # A shorter run than the checkpoint's keeps its LR schedule (Megatron refuses the change otherwise).
     resumed = run(2, SMALL_MODEL + data + ["--train-iters", str(saved + 2), "--log-interval", "1", "--eval-iters", "0",
-                                           "--save", str(ckpt), "--load", str(ckpt)])  # fmt: skip
+                                           "--save", str(ckpt), "--load", str(ckpt),
+                                           "--use-checkpoint-opt-param-scheduler"])  # fmt: skip
     assert f"resumed from {ckpt / f'iter_{saved:07d}'} (iteration {saved}, {saved * 8} samples)" in resumed.stdout
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(saved + 2)
     assert not stale.exists() and (ckpt / f"iter_{saved + 2:07d}" / "metadata.json").is_file()
@@ -158,8 +160,9 @@ def test_resume_into_another_tensor_parallel_layout(corpus, tmp_path):
         "start the optimizer state afresh (saving with --dist-ckpt-optim-fully-reshardable keeps it across layouts)"
     ]
     fresh_optimizer = run(
-        2, new_layout + ["--no-load-optim", "--no-load-rng", "--train-iters", "8", "--save", str(distributed)]
-    )
+        2, new_layout + ["--no-load-optim", "--no-load-rng", "--train-iters", "8", "--save", str(distributed),
+                         "--use-checkpoint-opt-param-scheduler"],
+    )  # fmt: skip
     assert "; optimizer state not loaded (--no-load-optim); RNG states not loaded (--no-load-rng)" in (
         fresh_optimizer.stdout
     )

@@ -46,7 +46,7 @@ def test_token_ids_beyond_the_tokenizer_vocabulary_are_an_error(corpus, tmp_path
     )
 
 
-def test_diverging_run_stops_at_the_first_nonfinite_check_and_never_saves_that_step(corpus, tmp_path):
+def test_diverged_run_stops_at_the_first_nonfinite_check_and_never_saves_that_step(corpus, tmp_path):
     """--lr 1e3: the loss explodes, the model dies, then a gradient turns NaN."""
     ckpt = tmp_path / "ckpt"
     args = SMALL_MODEL + data_args(corpus, tmp_path / "cache") + [

@@ -69,7 +69,7 @@ def test_weights_are_detached():
 
 
 @pytest.mark.parametrize("fault", [math.nan, math.inf, -math.inf])
-def test_non_finite_sample_gets_zero_weight_and_never_poisons_gradients(fault):
+def test_nonfinite_sample_gets_zero_weight_and_never_poisons_gradients(fault):
     weight, per_token = token_losses()
     mask = mask_of()
     poison = torch.zeros_like(per_token)
@@ -110,7 +110,7 @@ def checked_reweighter(skip: bool, nan_and_inf: bool = True):
     "fault, masked, message",
     [(math.nan, False, "found NaN"), (math.inf, False, "found Inf"), (math.inf, True, "found NaN")],  # inf x 0 is NaN
 )
-def test_loss_checks_stop_at_a_non_finite_loss_as_megatron_does(fault, masked, message, monkeypatch):
+def test_loss_checks_stop_at_a_nonfinite_loss_as_megatron_does(fault, masked, message, monkeypatch):
     if not torch.cuda.is_available():  # megatron-core's error message names the CUDA device
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     _, per_token = token_losses()
@@ -122,7 +122,7 @@ def test_loss_checks_stop_at_a_non_finite_loss_as_megatron_does(fault, masked, m
     checked_reweighter(skip=False, nan_and_inf=False).loss_func(mask, poisoned)  # --no-check-for-nan-in-loss-and-grad
 
 
-def test_skip_mode_trains_past_a_non_finite_sample_and_counts_and_logs_it(caplog):
+def test_skip_mode_trains_past_a_nonfinite_sample_and_counts_and_logs_it(caplog):
     weight, per_token = token_losses()
     mask = mask_of()
     poison = torch.zeros_like(per_token)

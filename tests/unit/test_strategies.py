@@ -145,7 +145,7 @@ def test_equal_losses_give_uniform_weights():
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "linupper", "quadratic", "extremes", "irdro", "capped", "midranking"])
-def test_non_finite_losses_get_zero_weight_and_the_rest_renormalise(strategy):
+def test_nonfinite_losses_get_zero_weight_and_the_rest_renormalise(strategy):
     finite_at = RNG.permutation(32)[:20]
     losses = np.full(32, math.nan)
     losses[finite_at] = LOSSES[:20]
