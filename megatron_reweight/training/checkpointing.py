@@ -13,6 +13,8 @@ Crash safety: every rank writes into SAVE/iter_0000100.incomplete/; only after a
 are done (barrier) does rank 0 rename it to iter_0000100/ and then replace the tracker
 file atomically (write + fsync + rename). A crash at any point leaves the tracker naming
 the previous complete checkpoint. Loading a missing or empty directory starts afresh.
+Before the rename, the ranks hash the files (`checkpoint_checksums`: iter_N/checksums.json);
+a load verifies them.
 """
 
 from __future__ import annotations
@@ -281,7 +283,9 @@ def save_checkpoint(root: Path, state: TrainState, mo, config) -> Path:
 
 
 def load_checkpoint(root: Path | None, mo, config) -> tuple[TrainState, dict, list[str]] | None:
-    """Load the tracker's latest checkpoint into model, optimizer, scheduler and RNGs.
+    """Load the tracker's latest checkpoint (or --ckpt-step's) into model, optimizer, scheduler
+    and RNGs. Its files are verified against their checksums first; a damaged or unreadable
+    checkpoint is a ConfigError naming the iteration, the files and the older ones to fall back to.
 
     A checkpoint of another TP/PP layout loads as Megatron-LM's does: the model reshards, the
     RNG states (one per TP/PP rank) are left out, and the distributed optimizer's state needs
