@@ -33,7 +33,9 @@ def file_digest(path: Path) -> str:
 
 def _checkpoint_files(directory: Path) -> list[str]:
     return sorted(
-        str(path.relative_to(directory)) for path in directory.rglob("*") if path.is_file() and path.name != CHECKSUM_FILE
+        str(path.relative_to(directory))
+        for path in directory.rglob("*")
+        if path.is_file() and path.name != CHECKSUM_FILE
     )
 
 

@@ -97,7 +97,9 @@ class CheckpointConfig:
         "schedule continue (e.g. to change TP/PP under the distributed optimizer)",
     )  # fmt: skip
     load_rng: bool = setting(True, "load the saved RNG states on resume")
-    ckpt_step: int | None = setting(None, "resume from this iteration's checkpoint instead of the latest", check=positive)
+    ckpt_step: int | None = setting(
+        None, "resume from this iteration's checkpoint instead of the latest", check=positive
+    )
     ckpt_checksums: bool = setting(True, "record a checksum of every checkpoint file at save, verify them at load")
     exit_duration_in_mins: float | None = setting(None, "save and exit after this many minutes", check=positive)
     exit_interval: int | None = setting(None, "save and exit when iteration % N == 0", check=positive)

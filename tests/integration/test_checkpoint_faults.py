@@ -101,7 +101,7 @@ def test_checksum_names_every_damaged_file_and_the_checkpoint_to_fall_back_to(ki
     (damaged / "common.pt").unlink()
 
     line = error_line(resume(killed_run, checkpoints, check=False))
-    assert line.startswith(f"pretrain_llama.py: error: --load {checkpoints}: the checkpoint of iteration 4 is damaged: ")
+    assert line.startswith(f"pretrain_llama.py: error: --load {checkpoints}: the checkpoint of iteration 4 is damaged")
     assert f"{shards[0]} differs from the saved file (checksum mismatch)" in line
     assert f"{shards[-1]} has " in line and "common.pt is missing" in line
     assert line.endswith("complete checkpoints: iteration 2; load one with --ckpt-step 2")
@@ -121,7 +121,8 @@ def test_truncated_checkpoint_without_checksums_is_one_clear_error(killed_run, c
     (damaged / "checksums.json").unlink()
     os.truncate(damaged / "common.pt", 100)
     line = error_line(resume(killed_run, checkpoints, check=False))
-    assert line.startswith(f"pretrain_llama.py: error: --load {checkpoints}: the checkpoint of iteration 4 cannot be read (")
+    expected = f"pretrain_llama.py: error: --load {checkpoints}: the checkpoint of iteration 4 cannot be read ("
+    assert line.startswith(expected)
     assert line.endswith("complete checkpoints: iteration 2; load one with --ckpt-step 2")
 
 
