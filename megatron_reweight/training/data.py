@@ -16,6 +16,7 @@ resumable pretraining sampler.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
