@@ -53,6 +53,8 @@ def test_sharded_domains_missing_load_and_a_quiet_resume(tmp_path):
     per_domain = {key.split("/")[1] for key in train[2] if key.startswith("weight x batch/")}
     assert per_domain == set(DOMAINS)
 
-    resumed = run(1, args + ["--train-iters", "3", "--load", str(ckpt)], env=USER_WARNINGS)
+    # A longer run keeps the checkpoint's LR schedule, as Megatron-LM asks for when --train-iters grows.
+    longer = ["--train-iters", "3", "--use-checkpoint-opt-param-scheduler", "--load", str(ckpt)]
+    resumed = run(1, args + longer, env=USER_WARNINGS)
     assert f"resumed from {ckpt / 'iter_0000002'}" in resumed.stdout
     assert "Warning:" not in resumed.stderr, resumed.stderr  # torch's and megatron-core's FutureWarnings
