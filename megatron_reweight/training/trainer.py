@@ -341,10 +341,12 @@ def _quiet_logging() -> None:
         level=logging.WARNING if rank == 0 else logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
     )
     # Notices of megatron-core that say nothing a user of this trainer can act on: the rerun state
-    # machine is off by design, and mock data needs no index cache.
+    # machine is off by design, mock data needs no index cache, and a domain's validation set is a
+    # blend of that domain's prefixes, often just one.
     for logger, notice in (
         ("megatron.core.rerun_state_machine", "RerunStateMachine initialized in mode RerunMode.DISABLED"),
         ("megatron.core.datasets.gpt_dataset", "Unable to save MockGPTDataset indexes because path_to_cache is None"),
+        ("megatron.core.datasets.blended_dataset", "Building a BlendedDataset for a single MegatronDataset"),
     ):
         logging.getLogger(logger).addFilter(lambda record, notice=notice: record.getMessage() != notice)
 
