@@ -126,11 +126,11 @@ def per_sample_losses(
     if context_parallel_group is not None and dist.get_world_size(context_parallel_group) > 1:
         dist.all_reduce(pieces, group=context_parallel_group)
     full_sums, token_counts, faulty = pieces
-    valid = (token_counts > 0) & (faulty == 0) & torch.isfinite(full_sums)
+    nonfinite = (faulty > 0) | ~torch.isfinite(full_sums)
+    valid = (token_counts > 0) & ~nonfinite
     losses = torch.where(valid, full_sums / token_counts.clamp(min=1), torch.full_like(full_sums, math.nan))
     # An invalid sample's sum may be infinite, and weight 0 x inf would poison the loss.
     local_sums = torch.where(valid, local_sums, torch.zeros_like(local_sums))
-    nonfinite = (faulty > 0) | ~torch.isfinite(full_sums)
     return SampleLosses(local_sums=local_sums, token_counts=token_counts, losses=losses, nonfinite=nonfinite)
 
 
