@@ -146,9 +146,20 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [script, *argv[1:]]
     sys.path.insert(0, os.path.dirname(script))  # as `python pretrain_gpt.py` has it: megatron.training
     import megatron.training
+    import megatron.training.training
 
-    megatron.training.pretrain = with_reweighting(megatron.training.pretrain)
+    calls = []
+
+    def pretrain(*args, **kwargs):
+        calls.append(1)
+        return reweighted(*args, **kwargs)
+
+    reweighted = with_reweighting(megatron.training.training.pretrain)
+    # Both import paths: pretrain_gpt.py imports it from megatron.training.
+    megatron.training.pretrain = megatron.training.training.pretrain = pretrain
     runpy.run_path(script, run_name="__main__")
+    if not calls:
+        sys.exit(f"{script} never called megatron.training's pretrain: it trained without reweighting")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,7 @@ NAN_AT = 2  # 0-based: the third iteration
 def one_rank_nan(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("one_rank")
     env = {"MEGATRON_LM_NAN_AT": str(NAN_AT)}
-    train = ["--train-iters", "4"]
+    train = ["--train-iters", "4", "--check-for-spiky-loss"]  # its non-fatal check runs on every microbatch
     return {
         "plain": launch(tmp / "plain", "plain", 1, *train, env=env),
         "uniform": launch(tmp / "uniform", "reweighted", 1, *train, "--reweight-strategy", "uniform", env=env),
@@ -217,3 +218,16 @@ def test_moe_gradients_match_a_single_process_reference():
     """MoE with its auxiliary loss (without --calculate-per-token-loss, which is refused)."""
     result = torchrun(2, Path(__file__).parent / "moe_rank.py")
     assert result.stdout.count("MoE gradients match the single-process reference") == 2
+
+
+def test_the_launcher_refuses_a_script_that_never_calls_pretrain(tmp_path):
+    """`python -m megatron_reweight.megatron_lm SCRIPT`, as the README runs it, with the real megatron.training."""
+    script = tmp_path / "no_pretrain.py"
+    script.write_text("import megatron.training\nprint('trained some other way')\n")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), MEGATRON_LM]), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_reweight.megatron_lm", str(script)],
+        capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1 and "trained some other way" in result.stdout
+    assert result.stderr.strip().endswith("never called megatron.training's pretrain: it trained without reweighting")

@@ -63,3 +63,4 @@ def test_the_reweighter_follows_the_current_process_groups(monkeypatch):
 def test_the_launcher_without_a_script_prints_its_usage():
     with pytest.raises(SystemExit, match=r"^usage: python -m megatron_reweight.megatron_lm PATH/pretrain_gpt.py"):
         megatron_lm.main(["--reweight-strategy", "linupper"])
+
