@@ -2,7 +2,7 @@
 own `tools/preprocess_data.py`, side by side in one run, on the same documents and tokenizer.
 
 * megatron_lm_<N>_workers  Megatron-LM's tools/preprocess_data.py, unmodified, from a checkout
-            (`--megatron-lm DIR`, or $MEGATRON_LM), `--workers N --append-eod`, its
+            (`--megatron-lm DIR`, or $MEGATRON_LM_PATH), `--workers N --append-eod`, its
             `HuggingFaceTokenizer` on the same tokenizer.json, reading one JSONL file of every
             document: the way a Megatron-LM user prepares data.
 * pipeline_<N>_workers     `megatron_reweight.data.prepare` end to end on the same documents
@@ -178,15 +178,15 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=REPO_ROOT / "data" / "demo", help="demo corpus folder")
     parser.add_argument("--tokenizer", help="tokenizer.json to use, or sentencepiece-bpe (default: the demo tokenizer)")
     parser.add_argument(
-        "--megatron-lm", type=Path, default=os.environ.get("MEGATRON_LM"),
-        help="a Megatron-LM checkout (tools/preprocess_data.py, megatron/training); default $MEGATRON_LM",
+        "--megatron-lm", type=Path, default=os.environ.get("MEGATRON_LM_PATH"),
+        help="a Megatron-LM checkout (tools/preprocess_data.py, megatron/training); default $MEGATRON_LM_PATH",
     )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--copies", type=int, default=2, help="read the corpus this many times (dilutes start-up)")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "results" / "bench_prepare.json")
     args = parser.parse_args()
     if args.megatron_lm is None or not (args.megatron_lm / "tools" / "preprocess_data.py").is_file():
-        parser.error("--megatron-lm DIR (or $MEGATRON_LM): a Megatron-LM checkout with tools/preprocess_data.py")
+        parser.error("--megatron-lm DIR (or $MEGATRON_LM_PATH): a Megatron-LM checkout with tools/preprocess_data.py")
 
     demo = ensure_demo_data(args.root)
     tokenizer_spec = args.tokenizer or str(demo.tokenizer_path)
@@ -284,7 +284,7 @@ def main() -> None:
             "tiktoken": tiktoken.__version__,
             "load_average_1min": os.getloadavg()[0],
         },
-        "command": "python -m benchmarks.bench_prepare --megatron-lm MEGATRON_LM"
+        "command": "python -m benchmarks.bench_prepare --megatron-lm MEGATRON_LM_PATH"
         + (
             f" --tokenizer {args.tokenizer if args.tokenizer == 'sentencepiece-bpe' else 'TOKENIZER_JSON'}"
             if args.tokenizer
