@@ -183,6 +183,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--copies", type=int, default=2, help="read the corpus this many times (dilutes start-up)")
+    parser.add_argument("--documents", type=int, help="only the first N documents of each domain (a smoke run)")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "results" / "bench_prepare.json")
     args = parser.parse_args()
     if args.megatron_lm is None or not (args.megatron_lm / "tools" / "preprocess_data.py").is_file():
@@ -191,7 +192,7 @@ def main() -> None:
     demo = ensure_demo_data(args.root)
     tokenizer_spec = args.tokenizer or str(demo.tokenizer_path)
     parquet = [args.root / "corpus" / f"{domain}.parquet" for domain in demo.domains] * args.copies
-    domain_texts = [pq.read_table(file, columns=["text"]).column("text").to_pylist() for file in parquet]
+    domain_texts = [pq.read_table(file, columns=["text"]).column("text").to_pylist()[: args.documents] for file in parquet]
     texts = [text for part in domain_texts for text in part]
     cores = len(os.sched_getaffinity(0))
     workers = sorted({1, cores})
