@@ -113,6 +113,7 @@ EXPERIMENTS = {
     "noise": {"strategies": ("uniform", "linupper", "quadratic"), "train_iters": 1000, "reweight_r_warmup_steps": 100},
     "redundancy": {"strategies": ("uniform", "linupper", "quadratic"), "train_iters": 1000, "reweight_r_warmup_steps": 100},
 }  # fmt: skip
+SHAPE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "seq_length")
 NOISE_SHARE = 0.2  # of the training samples
 CONTROLLED_DOMAINS = ("noise", "repeated")  # left out of the mean perplexity
 REPEATED_DOCUMENTS = 8
@@ -517,10 +518,10 @@ def markdown_section(report: dict) -> str:
     r_text = ", ".join(f"{LABELS.get(s, s)} {report['reweight'][s]['r']:g}" for s in cfg["strategies"] if s != "uniform")
     lines = [
         f"Command: `{report['command']}` ({report['date']}; {len(seconds)} runs, {np.mean(seconds):.0f} s each on average, "
-        f"one thread per run, two at a time, on a shared {report['machine']['cpus']}-core CPU).",
+        f"one thread per run, {report['jobs']} at a time, on a shared {report['machine']['cpus']}-core CPU).",
         "",
         (
-            f"Model: the `{cfg['preset']}` preset narrowed to {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, FFN "
+            f"Model: {_model_text(cfg)}: {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, FFN "
             f"{cfg['ffn_hidden_size']}, {cfg['num_attention_heads']} heads in {cfg['num_query_groups']} KV group(s), sequence "
             f"{cfg['seq_length']}: {report['parameters'] / 1e6:.2f}M parameters; {cfg['train_iters']} steps of b = {cfg['batch_size']} sequences "
             f"({cfg['train_iters'] * cfg['batch_size'] * cfg['seq_length'] / 1e6:.2f}M tokens), one micro-batch per step, so each "
@@ -589,6 +590,19 @@ def markdown_section(report: dict) -> str:
                 f" | {w['effective_sample_fraction_mean']:.2f} |"
             )
     return "\n".join(lines)
+
+
+def _model_text(cfg: dict) -> str:
+    """Which preset the model is, and where it departs from the preset's shape."""
+    from megatron_reweight.training.config import preset_config
+
+    preset = preset_config(cfg["preset"]).model
+    changed = [
+        f"{name.replace('_', ' ')} {cfg[name]} (preset: {getattr(preset, name)})"
+        for name in SHAPE
+        if cfg[name] != getattr(preset, name)
+    ]
+    return f"the `{cfg['preset']}` preset" + (f" with {', '.join(changed)}" if changed else "")
 
 
 def _blend_text(experiment: str, clean: list[str]) -> str:
@@ -668,6 +682,7 @@ def main() -> None:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "device": "cpu"},
         "sweep_seconds": round(time.perf_counter() - start, 1),
+        "jobs": args.jobs,
         "config": asdict(cfg),
         "blend": _blend_text(cfg.experiment, clean),
         "plots": plots,
