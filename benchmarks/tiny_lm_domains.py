@@ -71,7 +71,7 @@ class LMConfig:
     seeds: tuple[int, ...] = (1, 2, 3)
     preset: str = "tiny"
     # The preset's model; its sequence of 128 cut to 32 so that the three experiments' 48 runs
-    # fit in about 80 minutes of a 2-core CPU (docs/results.md).
+    # fit in about 90 minutes of a 2-core CPU (docs/results.md).
     num_layers: int = 4
     hidden_size: int = 128
     ffn_hidden_size: int = 384
