@@ -20,7 +20,7 @@ class StrategyOptions:
 
     reweight_skip_fraction: float | None = setting(None, "midranking: top fraction by loss to skip (n1)")
     reweight_keep_fraction: float | None = setting(None, "midranking/highranking/lowranking: fraction kept (n2)")
-    reweight_cap: float | None = setting(None, "capped: weight cap in units of 1/b (2)")
+    reweight_cap: float | None = setting(None, "capped: weight cap in units of 1/b; default: 2")
 
 
 def add_reweight_args(

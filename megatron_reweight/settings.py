@@ -75,7 +75,8 @@ def setting_fields(cls) -> list[tuple[Any, Any]]:
 
 def add_arguments(group, cls, defaults: dict | None = None, note: Callable[[str], str] | None = None) -> None:
     """Add a flag for every setting of `cls` (nested config classes included). `defaults`
-    replaces declared defaults in the help text; `note(dest)` may add a remark after the default."""
+    (keyed by flag dest, e.g. `values_of` a built config) replaces declared defaults in the help
+    text; `note(dest)` may add a remark after the default."""
     defaults = defaults or {}
     for f, kind in setting_fields(cls):
         dest = dest_of(f)
@@ -113,6 +114,18 @@ def build(cls, values: dict, **fixed):
         elif is_setting(f) and values.get(dest_of(f)) is not None:
             kwargs[f.name] = values[dest_of(f)]
     return cls(**kwargs)
+
+
+def values_of(config) -> dict:
+    """A built config's settings keyed by flag dest (nested configs flattened): `build`'s inverse."""
+    values = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            values.update(values_of(value))
+        elif is_setting(f):
+            values[dest_of(f)] = value
+    return values
 
 
 def check_settings(config, error: type[Exception] = ValueError) -> None:

@@ -15,8 +15,15 @@ import sys
 
 from megatron_reweight.arguments import add_reweight_args, reweight_config_from_args
 from megatron_reweight.extras import MissingExtraError, require_extra
-from megatron_reweight.settings import add_arguments, build, check_settings, check_values
-from megatron_reweight.training.config import PRESETS, SECTIONS, TRAINER_DEFAULTS, TrainConfig, preset_config
+from megatron_reweight.settings import add_arguments, build, check_settings, check_values, values_of
+from megatron_reweight.training.config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    SECTIONS,
+    TRAINER_DEFAULTS,
+    TrainConfig,
+    preset_config,
+)
 from megatron_reweight.training.errors import ConfigError
 
 
@@ -28,20 +35,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _preset_note(dest: str) -> str:
-    return "a preset may set its own" if any(dest in preset.overrides for preset in PRESETS.values()) else ""
+    if any(dest in preset.overrides for preset in PRESETS.values()):
+        return f"the {DEFAULT_PRESET} preset's, other presets set their own"
+    return ""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pretrain_llama.py",
         description="Pretrain a Llama model with megatron-core and dynamic loss-based sample reweighting. "
+        f"Each default shown is the value of a run without flags (--preset {DEFAULT_PRESET}). "
         "Flags and defaults: docs/training.md.",
     )
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model shape and training defaults")
+    parser.add_argument(
+        "--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+        help=f"model shape and training defaults (default {DEFAULT_PRESET})",
+    )  # fmt: skip
+    # The help's defaults are the settings of a plain run, the default preset's.
+    defaults = values_of(preset_config(DEFAULT_PRESET))
     sections = TrainConfig.__dataclass_fields__
     for title, name in SECTIONS:
-        add_arguments(parser.add_argument_group(title), sections[name].default_factory, TRAINER_DEFAULTS, _preset_note)
-    add_reweight_args(parser, TRAINER_DEFAULTS, _preset_note)
+        add_arguments(parser.add_argument_group(title), sections[name].default_factory, defaults, _preset_note)
+    add_reweight_args(parser, defaults, _preset_note)
     return parser
 
 

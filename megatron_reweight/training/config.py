@@ -73,9 +73,9 @@ class DataConfig:
     mock_data: bool = setting(False, "megatron-core's MockGPTDataset")
     split: str = setting("969,30,1", "train,valid,test document split of every prefix")
     tokenizer_model: Path | None = setting(None, "Hugging Face tokenizer.json the data was made with")
-    vocab_size: int | None = setting(None, "with --mock-data and no tokenizer (default 4096)", check=positive)
+    vocab_size: int | None = setting(None, "with --mock-data and no tokenizer; default: 4096", check=positive)
     data_cache_path: Path | None = setting(None, "where megatron-core caches the dataset indices")
-    num_workers: int | None = setting(None, "data-loader workers (default 2 on CUDA, 0 on CPU)", check=non_negative)
+    num_workers: int | None = setting(None, "data-loader workers; default: 2 on CUDA, 0 on CPU", check=non_negative)
     demo_data_root: Path = setting(
         Path("data/demo"), "where the demo corpus is built when neither --data-path nor --mock-data is given"
     )
@@ -132,9 +132,12 @@ class DeviceConfig:
     )
 
 
+DEFAULT_PRESET = "tiny"  # a run without --preset
+
+
 @dataclass
 class TrainConfig:
-    preset: str = "tiny"
+    preset: str = DEFAULT_PRESET
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -152,9 +155,9 @@ class TrainConfig:
 
 # (section title, TrainConfig field) in the order of `--help`.
 SECTIONS = (
-    ("model (defaults: the preset's)", "model"),
+    ("model", "model"),
     ("parallelism", "parallel"),
-    ("batch and schedule (defaults: the preset's)", "optim"),
+    ("batch and schedule", "optim"),
     ("precision and device", "device"),
     ("data", "data"),
     ("evaluation (per-domain validation loss)", "eval"),
