@@ -58,20 +58,31 @@ def register_strategy(name: str) -> Callable[[WeightStrategy], WeightStrategy]:
     return decorator
 
 
-class _SoftmaxStrategy:
-    """Weights = softmax of per-sample logits over the finite losses.
+def _tempered_softmax(scores: torch.Tensor, r: float, among: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(scores / r) over the entries `among` selects (default all), 0 elsewhere.
 
-    `logits(losses, finite, r, delta)` may return anything where `finite` is False. Masking
+    Shifted by the largest score before dividing by r (softmax is shift-invariant), so no
+    temperature overflows: every exponent is <= 0 and the largest ones are exactly 0. As
+    r -> 0 this is the analytic limit, equal weights on the samples of the largest score."""
+    if among is None:
+        among = torch.ones_like(scores, dtype=torch.bool)
+    shifted = (scores - torch.where(among, scores, -torch.inf).max()) / r
+    weights = torch.softmax(torch.where(among, shifted, -torch.inf), dim=0)
+    return torch.nan_to_num(weights, nan=0.0)  # nothing selected: all -inf, NaN
+
+
+class _SoftmaxStrategy:
+    """Weights = softmax(score_i / r) over the finite losses.
+
+    `scores(losses, finite, delta)` may return anything where `finite` is False. Masking
     the other losses, rather than selecting the finite ones, keeps the weights free of
     host-device syncs on a GPU (selection waits for the GPU on every microbatch)."""
 
-    def __init__(self, logits: Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]):
-        self.logits = logits
+    def __init__(self, scores: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]):
+        self.scores = scores
 
     def masked(self, losses: torch.Tensor, finite: torch.Tensor, r: float, delta: float) -> torch.Tensor:
-        logits = self.logits(torch.where(finite, losses, 0.0), finite, r, delta)
-        weights = torch.softmax(torch.where(finite, logits, -torch.inf), dim=0)
-        return torch.nan_to_num(weights, nan=0.0)  # no finite loss: all -inf, NaN
+        return _tempered_softmax(self.scores(torch.where(finite, losses, 0.0), finite, delta), r, finite)
 
     def __call__(self, losses: torch.Tensor, *, r: float, delta: float) -> torch.Tensor:
         return self.masked(losses, torch.ones_like(losses, dtype=torch.bool), r, delta)
@@ -83,7 +94,7 @@ def register_score_strategy(name: str) -> Callable[[Callable[[torch.Tensor, floa
 
     def decorator(score: Callable[[torch.Tensor, float], torch.Tensor]):
         register_strategy(name)(
-            _SoftmaxStrategy(lambda losses, finite, r, delta: score(normalize_losses(losses, delta, finite), delta) / r)
+            _SoftmaxStrategy(lambda losses, finite, delta: score(normalize_losses(losses, delta, finite), delta))
         )
         return score
 
@@ -200,14 +211,14 @@ def _capped(losses: torch.Tensor, *, r: float, delta: float, cap: float = 2.0) -
             f"for no cap use strategy 'linupper'), got {cap}"
         )
     bound = cap / count
-    logits = normalize_losses(losses, delta) / r
-    capped = torch.zeros_like(logits, dtype=torch.bool)
+    h = normalize_losses(losses, delta)
+    capped = torch.zeros_like(h, dtype=torch.bool)
     # Water-filling: each pass caps the samples over the bound and spreads the remaining
     # mass over the rest in proportion to exp(h/r); at most `count` passes.
     while True:
-        free_mass = 1.0 - bound * capped.sum(dtype=logits.dtype)
-        weights = torch.full_like(logits, bound)
-        weights[~capped] = free_mass * torch.softmax(logits[~capped], dim=0)
+        free_mass = 1.0 - bound * capped.sum(dtype=h.dtype)
+        weights = torch.full_like(h, bound)
+        weights[~capped] = free_mass * _tempered_softmax(h[~capped], r)
         over = (weights > bound * (1 + 1e-12)) & ~capped
         if not over.any():
             return weights
@@ -217,13 +228,8 @@ def _capped(losses: torch.Tensor, *, r: float, delta: float, cap: float = 2.0) -
 # --- Paper 2: IR-DRO and loss-rank selection --------------------------------------------
 
 
-def _irdro_logits(losses: torch.Tensor, finite: torch.Tensor, r: float, delta: float) -> torch.Tensor:
-    # Shifted by the largest finite loss (softmax is shift-invariant) so losses / r cannot overflow.
-    return (losses - torch.where(finite, losses, -torch.inf).max()) / r
-
-
 # Eq. (3): softmax(f_i / r) on the raw losses.
-register_strategy("irdro")(_SoftmaxStrategy(_irdro_logits))
+register_strategy("irdro")(_SoftmaxStrategy(lambda losses, finite, delta: losses))
 
 
 def _fraction_count(fraction: float, count: int, name: str) -> int:

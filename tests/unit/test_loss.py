@@ -58,6 +58,25 @@ def test_gradient_is_weighted_sum_of_sample_gradients():
     torch.testing.assert_close(actual, weight.grad)
 
 
+def test_tiny_temperature_trains_on_the_upper_half_of_the_losses():
+    """Issue: --reweight-r 1e-320 gave all-zero weights, so grad norm 0 and a run that learnt nothing."""
+    weight, per_token = token_losses()
+    mask = mask_of()
+    loss, _, _ = reweighter(r=1e-320).loss_func(mask, per_token)
+    loss.backward()
+    actual = weight.grad.clone()
+
+    weight.grad = None
+    _, per_token = token_losses(weight)
+    sample_losses = (per_token * mask).sum(1) / mask.sum(1)
+    # LinUpper's limit: its score is flat over the upper half of the loss range, 0-weight below.
+    upper = sample_losses.detach() >= (sample_losses.min() + sample_losses.max()).detach() / 2
+    assert 0 < upper.sum() < len(upper)
+    sample_losses[upper].mean().backward()
+    assert actual.norm() > 0
+    torch.testing.assert_close(actual, weight.grad)
+
+
 def test_weights_are_detached():
     _, per_token = token_losses()
     loss, _, _ = reweighter().loss_func(mask_of(), per_token)

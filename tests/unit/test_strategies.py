@@ -60,6 +60,70 @@ def test_weights_are_a_distribution_of_same_shape_and_dtype(strategy, dtype):
     assert not weights.requires_grad
 
 
+TINY_TEMPERATURES = [1e-2, 1e-5, 1e-30, 1e-300, 1e-310, 1e-320, 5e-324]  # down to the smallest float64
+DTYPES = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
+SUM_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def tiny_temperature_reference(losses: np.ndarray, strategy: str, r: float) -> np.ndarray:
+    """The weights in float64 log-space, written out from the formulas: exp(s_i/r - logsumexp(s/r))
+    with logsumexp taken around the largest s/r, which -inf differences (s_i < s_max, r -> 0) leave
+    exact. For `capped` the analytic limit (r <= 1e-30 here): the cap 2/b on the highest losses,
+    the rest of the mass on the next."""
+    if strategy == "capped":
+        bound, weights, mass = 2 / len(losses), np.zeros(len(losses)), 1.0
+        for i in np.argsort(-losses, kind="stable"):
+            weights[i] = min(bound, mass)
+            mass -= weights[i]
+        return weights
+    scores = losses if strategy == "irdro" else None
+    if scores is None:
+        h = 2 * (losses - losses.min()) / (losses.max() - losses.min()) - 1
+        scores = {"linupper": np.minimum(h + 1, 1), "quadratic": 1 - h**2, "extremes": np.abs(h)}[strategy]
+    with np.errstate(over="ignore", divide="ignore"):
+        exponents = np.where(scores == scores.max(), 0.0, (scores - scores.max()) / r)
+    return np.exp(exponents) / np.exp(exponents).sum()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("strategy", ["linupper", "quadratic", "extremes", "irdro", "capped"])
+def test_tiny_temperature_gives_finite_weights_on_the_extreme_samples(strategy, dtype):
+    """Issue: scores / r overflowed to inf for r ~ 1e-310, so the softmax gave NaN and the weights
+    were all 0 (or NaN for capped): no gradient at all."""
+    # Distinct losses (in every dtype), so the samples of the largest score are unambiguous
+    # whatever the rounding of the normalisation.
+    losses = torch.tensor([2.1, 3.5, 2.9, 7.8, 1.25, 5.0, 4.25, 6.5], dtype=dtype)
+    exact = losses.double().numpy()
+    for r in TINY_TEMPERATURES:
+        weights = compute_weights(losses, strategy, r=r)
+        assert weights.dtype == dtype and torch.isfinite(weights).all() and (weights >= 0).all(), (r, weights)
+        assert abs(float(weights.double().sum()) - 1.0) <= SUM_TOLERANCE[dtype], (r, weights)
+        if strategy == "capped" and r > 1e-30:
+            continue  # its reference is the limit; the Proposition 1 test covers larger r
+        expected = tiny_temperature_reference(exact, strategy, r)
+        atol = 1e-300 if dtype == torch.float64 else SUM_TOLERANCE[dtype]
+        np.testing.assert_allclose(weights.double().numpy(), expected, rtol=SUM_TOLERANCE[dtype], atol=atol)
+
+
+@pytest.mark.parametrize("strategy", sorted(set(available_strategies()) - {"test-top1"}))
+def test_tiny_temperature_limit_splits_ties_and_keeps_every_strategy_a_distribution(strategy):
+    """At r -> 0 the weight goes to the samples of the largest score, equally when they tie."""
+    losses = torch.tensor([3.0, 9.0, 1.0, 9.0, 5.0, 1.0, 7.0, 4.0], dtype=torch.float64)
+    for r in (1e-320, 5e-324):
+        weights = compute_weights(losses, strategy, r=r)
+        assert torch.isfinite(weights).all() and abs(float(weights.sum()) - 1.0) < 1e-12, (strategy, r, weights)
+    expected = {
+        "linupper": [0, 0.25, 0, 0.25, 0.25, 0, 0.25, 0],  # its score is flat from the midpoint 5 up
+        "irdro": [0, 0.5, 0, 0.5, 0, 0, 0, 0],  # the two highest losses
+        "extremes": [0, 0.25, 0.25, 0.25, 0, 0.25, 0, 0],  # highest and lowest
+        "quadratic": [0, 0, 0, 0, 1, 0, 0, 0],  # loss 5 is the midpoint of [1, 9]
+        "capped": [0, 0.25, 0, 0.25, 0.25, 0, 0.25, 0],  # the cap 2/b = 0.25 on 9, 9, 7, then 5
+        "uniform": [1 / 8] * 8,
+    }.get(strategy)  # the ranking strategies ignore r: a distribution is all they must give
+    if expected is not None:
+        np.testing.assert_allclose(compute_weights(losses, strategy, r=1e-320).numpy(), expected, atol=1e-300)
+
+
 def test_linupper_respects_theorem_1_bound_for_paper_temperatures():
     # Section A.5: with r >= 1 LinUpper keeps max w_i <= 2/b (softmax of scores in [0, delta]).
     for r in (1.0, 2.0):
