@@ -320,4 +320,9 @@ def sum_reports(reports: list[dict[str, torch.Tensor]], group=None) -> dict[str,
 
 def reduce_reports(reports: list[dict[str, torch.Tensor]], group=None) -> dict[str, float]:
     """Megatron-LM's reduction of loss_func reports: the summed pairs' value / count."""
-    return {key: float(total[0] / total[1]) for key, total in sum_reports(reports, group).items() if total[1] > 0}
+    return report_means(sum_reports(reports, group))
+
+
+def report_means(totals: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each summed [value, count] pair's value / count (pairs with no count left out)."""
+    return {key: float(total[0] / total[1]) for key, total in totals.items() if total[1] > 0}

@@ -7,8 +7,11 @@ JSON-lines records:
      "lr": ..., "r": ..., "weighting window b/<window>": ..., "max weight x batch": ..., "min weight x batch": ...,
      "effective sample fraction": ..., "weight x batch/<domain>": ..., "grad norm": ...,
      "step time s": ..., "tokens per s": ..., ...}
-    {"kind": "eval", "iteration": 50, "domains": {"arxiv": {"loss": ..., "ppl": ...}, ...},
-     "loss": ..., "ppl": ...}
+    {"kind": "eval", "iteration": 50, "domains": {"arxiv": {"loss": ..., "ppl": ..., "weight x batch": ...}, ...},
+     "loss": ..., "ppl": ..., "weights from iteration": 1}
+    ("weight x batch": the domain's mean weight x b over the training samples since the previous
+    evaluation, from "weights from iteration" on; "samples/<domain>" in a train record: the
+    domain's samples of the interval, which weigh its "weight x batch/<domain>")
     {"kind": "run", ...}   once at the start: configuration, parameter count, world layout
 A resumed run appends; a reader should keep the last record per (kind, iteration).
 """
@@ -20,9 +23,13 @@ import math
 import time
 from pathlib import Path
 
+from megatron_reweight.loss import report_means, sum_reports
+
 # The number of samples weighted together, keyed with the window's name
 # ("weighting window b/global-batch"), so the TensorBoard scalar names the window too.
 WINDOW_SIZE = "weighting window b/"
+# loss_func's report of a domain's weight x b ([sum, count] over its samples): "weight x batch/arxiv".
+DOMAIN_WEIGHT = "weight x batch/"
 
 # Console columns, in order: (report key, label, format).
 _CONSOLE = (
@@ -100,15 +107,30 @@ class MetricsLogger:
         self._scalars("train/", iteration, values)
         self.record({"kind": "train", "iteration": iteration, **values})
 
-    def log_eval(self, iteration: int, per_domain: dict[str, dict[str, float]]) -> None:
+    def log_eval(
+        self, iteration: int, per_domain: dict[str, dict[str, float]], weights: dict[str, float], weights_from: int
+    ) -> None:
+        """`weights`: each domain's mean weight x b over the training samples of iterations
+        `weights_from`..`iteration`, printed beside its validation perplexity."""
         if not self.enabled or not per_domain:
             return
-        self.eval_history.append({"iteration": iteration, "domains": per_domain})
+        per_domain = {
+            name: {**d, "weight x batch": weights[name]} if name in weights else d for name, d in per_domain.items()
+        }
+        self.eval_history.append(
+            {"iteration": iteration, "domains": per_domain, "weights from iteration": weights_from}
+        )
         total = sum(d["tokens"] for d in per_domain.values())
         mean_loss = sum(d["loss"] * d["tokens"] for d in per_domain.values()) / max(total, 1)
-        text = ", ".join(f"{name} {d['loss']:.4f} (ppl {d['ppl']:.2f})" for name, d in per_domain.items())
+        text = ", ".join(
+            f"{name} {d['loss']:.4f} (ppl {d['ppl']:.2f}"
+            + (f", w*b {d['weight x batch']:.3f})" if "weight x batch" in d else ")")
+            for name, d in per_domain.items()
+        )
+        legend = f" | w*b: mean weight x b over iterations {weights_from}-{iteration}" if weights else ""
         print(
-            f"validation at iteration {iteration}: {text} | all {mean_loss:.4f} (ppl {_ppl(mean_loss):.2f})", flush=True
+            f"validation at iteration {iteration}: {text} | all {mean_loss:.4f} (ppl {_ppl(mean_loss):.2f}){legend}",
+            flush=True,
         )
         scalars = {}
         for name, d in per_domain.items():
@@ -118,8 +140,9 @@ class MetricsLogger:
         scalars["all/ppl"] = _ppl(mean_loss)
         self._scalars("valid/", iteration, scalars)
         self.record(
-            {"kind": "eval", "iteration": iteration, "domains": per_domain, "loss": mean_loss, "ppl": _ppl(mean_loss)}
-        )
+            {"kind": "eval", "iteration": iteration, "domains": per_domain, "loss": mean_loss, "ppl": _ppl(mean_loss),
+             "weights from iteration": weights_from}
+        )  # fmt: skip
 
     def _scalars(self, prefix: str, iteration: int, values: dict) -> None:
         numeric = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -154,6 +177,36 @@ class MetricsLogger:
             self.wandb.finish()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+class DomainWeights:
+    """Each domain's weight x b over training, as loss_func reports it ([sum, count] pairs): summed
+    on this rank step by step (no collective), reduced over the DP x CP group only when read, on
+    the last pipeline stage (elsewhere there is nothing to read). Two spans: since the previous
+    evaluation, and since this process started."""
+
+    def __init__(self, iteration: int, group):
+        self.group = group
+        self.totals: dict[str, dict] = {"evaluation": {}, "run": {}}
+        self.first = {"evaluation": iteration + 1, "run": iteration + 1}
+
+    def add(self, reports: list[dict]) -> None:
+        step = {key: pair for key, pair in sum_reports(reports).items() if key.startswith(DOMAIN_WEIGHT)}
+        for totals in self.totals.values():
+            for key, pair in step.items():
+                totals[key] = totals[key] + pair if key in totals else pair
+
+    def read(self, span: str) -> tuple[dict[str, float], int]:
+        """({domain: mean weight x b}, the span's first iteration). Collective on the last stage."""
+        totals = self.totals[span]
+        means = report_means(sum_reports([totals], self.group)) if totals else {}
+        return {key.removeprefix(DOMAIN_WEIGHT): value for key, value in means.items()}, self.first[span]
+
+    def take_since_evaluation(self, iteration: int) -> tuple[dict[str, float], int]:
+        """`read("evaluation")`, then start the next span after `iteration`."""
+        read = self.read("evaluation")
+        self.totals["evaluation"], self.first["evaluation"] = {}, iteration + 1
+        return read
 
 
 def _ppl(loss: float) -> float:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_reweight import window
-from megatron_reweight.loss import SampleReweighter, reduce_reports
+from megatron_reweight.loss import SampleReweighter, report_means, sum_reports
 from megatron_reweight.loss_checks import LossChecks
 from megatron_reweight.training import distributed
 from megatron_reweight.training.checkpointing import Checkpointer, check_save_directory
@@ -41,7 +41,7 @@ from megatron_reweight.training.data import (
 )
 from megatron_reweight.training.errors import ConfigError, TrainingStopped
 from megatron_reweight.training.evaluation import Validator
-from megatron_reweight.training.metrics import WINDOW_SIZE, MetricsLogger
+from megatron_reweight.training.metrics import DOMAIN_WEIGHT, WINDOW_SIZE, DomainWeights, MetricsLogger
 from megatron_reweight.training.model import build_model, num_parameters
 from megatron_reweight.training.optimizer import build_optimizer, current_lr
 from megatron_reweight.training.signals import ExitMonitor
@@ -142,10 +142,14 @@ def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> Tra
     validator = Validator(config, datasets.valid, runtime, forward_step, num_microbatches)
 
     # --- the loop -----------------------------------------------------------------------
+    from megatron.core import parallel_state
+
     result = TrainResult(0, 0, "completed")
     for chunk in mo.model:
         chunk.train()
     interval = _Interval()
+    domain_weights = DomainWeights(state.iteration, parallel_state.get_data_parallel_group(with_context_parallel=True))
+    start = time.perf_counter()
     while state.iteration < o.train_iters:
         reweighter.step = state.iteration
         checks.flagged.clear()
@@ -154,6 +158,7 @@ def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> Tra
         except RuntimeError as error:
             raise _stopped(error, state.iteration + 1, checkpointer.saved_at) from error
         interval.add(step)
+        domain_weights.add(step.reports)
         for flag in checks.flagged:
             log.print(f"warning: iteration {state.iteration + 1}: {flag} (--check-for-spiky-loss)")
         state.iteration += 1
@@ -164,7 +169,8 @@ def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> Tra
             log.log_histograms(state.iteration, _weight_histograms(reweighter))
             interval = _Interval()
         if validator.should_validate(state.iteration):
-            log.log_eval(state.iteration, validator.validate(mo.model))
+            per_domain = validator.validate(mo.model)
+            log.log_eval(state.iteration, per_domain, *domain_weights.take_since_evaluation(state.iteration))
         if checkpointer.should_save(state.iteration):
             checkpointer.save(state, "interval")
         if state.iteration < o.train_iters and exit_monitor.should_exit(state.iteration):
@@ -178,6 +184,7 @@ def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> Tra
     result.iteration, result.consumed_samples = state.iteration, state.consumed_samples
     result.checkpoint = checkpointer.last_checkpoint
     result.train_history, result.eval_history = log.train_history, log.eval_history
+    _log_summary(log, config, result, checkpointer, *domain_weights.read("run"), time.perf_counter() - start)
     log.close()
     return result
 
@@ -258,7 +265,14 @@ def _interval_values(interval: _Interval, mo, reweighter, state, config: TrainCo
 
     values = {}
     if runtime.is_last_stage:
-        values = reduce_reports(interval.reports, parallel_state.get_data_parallel_group(with_context_parallel=True))
+        totals = sum_reports(interval.reports, parallel_state.get_data_parallel_group(with_context_parallel=True))
+        values = report_means(totals)
+        # Each domain's samples in the interval (CP ranks report the same samples).
+        cp = config.parallel.context_parallel_size
+        values.update(
+            {"samples/" + key.removeprefix(DOMAIN_WEIGHT): round(float(pair[1]) / cp)
+             for key, pair in totals.items() if key.startswith(DOMAIN_WEIGHT)}
+        )  # fmt: skip
     step_time = interval.seconds / interval.steps
     values.update(
         {
@@ -329,6 +343,44 @@ def _log_run(log: MetricsLogger, config: TrainConfig, runtime, mo, vocab: int, n
         f"(b={_window_size(config, runtime)}) | domains {', '.join(domains)}"
     )
     log.record({"kind": "run", **summary, "config": config.to_dict()})
+
+
+def _log_summary(
+    log: MetricsLogger, config: TrainConfig, result: TrainResult, checkpointer: Checkpointer,
+    weights: dict[str, float], weights_from: int, seconds: float,
+) -> None:  # fmt: skip
+    """The run's answer on one screen: how far it went, the final losses, each domain's mean
+    weight x b (below 1: down-weighted) and validation perplexity, and where the outputs are."""
+    samples = result.consumed_samples
+    head = (
+        f"run summary: {result.exit_reason} at iteration {result.iteration}/{config.optim.train_iters} in "
+        f"{seconds:.1f}s: {samples} samples, {samples * config.model.seq_length} tokens"
+    )
+    if result.train_history:
+        head += f", final training lm loss {result.train_history[-1]['lm loss']:.4f}"
+    lines = [head]
+    validation = result.eval_history[-1] if result.eval_history else None
+    domains = list(validation["domains"]) if validation else list(weights)
+    if domains:
+        evaluated = f"validation loss and ppl at iteration {validation['iteration']}" if validation else "no validation"
+        lines.append(
+            f"  per domain: {evaluated}, mean weight x b (w*b) over iterations {weights_from}-{result.iteration} "
+            "(below 1: down-weighted)"
+        )
+        lines.append(f"  {'domain':<16} {'loss':>8} {'ppl':>10} {'w*b':>7}")
+        for name in domains:
+            d = validation["domains"].get(name, {}) if validation else {}
+            loss = f"{d['loss']:.4f}" if d else "-"
+            ppl = f"{d['ppl']:.2f}" if d else "-"
+            weight = f"{weights[name]:.3f}" if name in weights else "-"
+            lines.append(f"  {name:<16} {loss:>8} {ppl:>10} {weight:>7}")
+    saved = checkpointer.saved_at is not None and config.checkpoint.save is not None
+    checkpoint = checkpointer.last_checkpoint if saved else "none (no --save)"
+    metrics = config.logging.metrics_file or "none (--save, --tensorboard-dir or --metrics-file writes one)"
+    lines.append(f"  checkpoint: {checkpoint} | metrics: {metrics}")
+    if config.logging.tensorboard_dir is not None:
+        lines[-1] += f" | TensorBoard: {config.logging.tensorboard_dir}"
+    log.print("\n".join(lines))
 
 
 def _quiet_logging() -> None:

@@ -2,6 +2,7 @@
 per-domain validation, TensorBoard and the metrics file."""
 
 import math
+import re
 
 import pytest
 
@@ -31,6 +32,48 @@ def test_a_plain_run_prints_nothing_on_stderr(single_process):
     assert result.stderr == ""
 
 
+def _mean_weight(train: dict, first: int, last: int, domain: str) -> float:
+    """A domain's mean weight x b over iterations first..last from the per-step train records
+    (each step's mean weighted by the domain's samples in that step)."""
+    records = [train[i] for i in range(first, last + 1)]
+    samples = sum(r[f"samples/{domain}"] for r in records)
+    return sum(r.get(f"weight x batch/{domain}", 0.0) * r[f"samples/{domain}"] for r in records) / samples
+
+
+def test_evaluations_and_the_run_summary_show_each_domains_mean_weight(single_process):
+    """Each validation line puts every domain's mean weight x b since the previous evaluation beside
+    its perplexity; the run ends with a summary. Both agree with the per-step metrics recorded."""
+    result, train, evals = single_process
+    domains = ["repeat", "markov", "noise"]
+    assert all(sum(train[i][f"samples/{d}"] for d in domains) == 8 for i in train)  # the global batch
+    for iteration, first in ((8, 1), (ITERS, 9)):
+        line = next(x for x in result.stdout.splitlines() if x.startswith(f"validation at iteration {iteration}:"))
+        assert line.endswith(f"w*b: mean weight x b over iterations {first}-{iteration}")
+        assert evals[iteration]["weights from iteration"] == first
+        for domain in domains:
+            expected = _mean_weight(train, first, iteration, domain)
+            record = evals[iteration]["domains"][domain]
+            assert record["weight x batch"] == pytest.approx(expected, rel=1e-5)
+            shown = re.search(rf"{domain} [0-9.]+ \(ppl ([0-9.]+), w\*b ([0-9.]+)\)", line)
+            assert float(shown[1]) == pytest.approx(record["ppl"], abs=0.006)
+            assert float(shown[2]) == pytest.approx(expected, abs=6e-4)
+
+    summary = result.stdout[result.stdout.index("run summary:") :].splitlines()
+    assert summary[0] == (
+        f"run summary: completed at iteration {ITERS}/{ITERS} in {summary[0].split(' in ')[1].split('s:')[0]}s: "
+        f"{ITERS * 8} samples, {ITERS * 8 * 64} tokens, final training lm loss {train[ITERS]['lm loss']:.4f}"
+    )
+    assert f"mean weight x b (w*b) over iterations 1-{ITERS}" in summary[1]
+    rows = {line.split()[0]: line.split()[1:] for line in summary[3:6]}
+    assert sorted(rows) == sorted(domains)
+    for domain, (loss, ppl, weight) in rows.items():
+        final = evals[ITERS]["domains"][domain]
+        assert (loss, ppl) == (f"{final['loss']:.4f}", f"{final['ppl']:.2f}")
+        assert float(weight) == pytest.approx(_mean_weight(train, 1, ITERS, domain), abs=6e-4)
+    assert float(rows["noise"][2]) > 1 > float(rows["markov"][2])  # as the per-step records show
+    assert summary[6].startswith("  checkpoint: none (no --save) | metrics: ") and summary[6].endswith("m.jsonl")
+
+
 def test_data_parallel_run_learns_and_logs_everything(corpus, tmp_path):
     tensorboard = tmp_path / "tb"
     args = SMALL_MODEL + data_args(corpus, tmp_path / "cache") + COMMON + ["--tensorboard-dir", str(tensorboard)]
@@ -51,6 +94,7 @@ def test_data_parallel_run_learns_and_logs_everything(corpus, tmp_path):
     # Per domain: the unlearnable noise gets more than its share; the Markov chain, whose small
     # token range is learnt first, gets less.
     assert all(t["weight x batch/noise"] > 1 > t["weight x batch/markov"] for t in late)
+    assert all(sum(t[f"samples/{d}"] for d in ("repeat", "markov", "noise")) == 8 for t in train.values())
     assert all(t["tokens per s"] > 0 and t["step time s"] > 0 and t["lr"] > 0 for t in late)
 
     # Per-domain validation (held-out documents of each prefix), at 8 and 16.
@@ -101,7 +145,7 @@ def test_model_parallel_run_matches_one_process(layout, corpus, tmp_path, single
     run(2, SMALL_MODEL + data_args(corpus, tmp_path / "cache") + COMMON + layout + ["--metrics-file", str(metrics)])
     train, evals = read_metrics(metrics)
     for iteration in range(1, ITERS + 1):
-        for key in ("lm loss", "weighted loss", "max weight x batch", "weight x batch/markov"):
+        for key in ("lm loss", "weighted loss", "max weight x batch", "weight x batch/markov", "samples/markov"):
             assert train[iteration][key] == pytest.approx(reference[iteration][key], rel=2e-4, abs=2e-4), (
                 iteration,
                 key,
