@@ -79,6 +79,8 @@ class LMConfig:
     num_query_groups: int = 2
     seq_length: int = 32
     batch_size: int = 32  # micro-batch = global batch: one weighting group of b = 32 per step
+    # Set: several micro-batches per step, each weighted on its own (the micro-batch window, b = this).
+    micro_batch_size: int | None = None
     train_iters: int = 2000
     lr_warmup_iters: int = 50  # 2.5% of the steps, as Table 7's 500 of 20,000
     reweight_r_warmup_steps: int = 150  # r = 100 first: 7.5% of the steps, past the spread's opening
@@ -88,6 +90,7 @@ class LMConfig:
     weight_window: int = 50  # steps per point of the weight-per-domain curves
     threads: int = 1
     extra_args: tuple[str, ...] = ()  # any other pretrain_llama.py flags
+    audit_dir: str | None = None  # each run's weight audit in AUDIT_DIR/<strategy>-seed<k> (--reweight-audit-dir)
 
     def trainer_args(self, strategy: str, seed: int, data_args: list[str], metrics_file: Path) -> list[str]:
         return [
@@ -95,7 +98,7 @@ class LMConfig:
             "--hidden-size", str(self.hidden_size), "--ffn-hidden-size", str(self.ffn_hidden_size),
             "--num-attention-heads", str(self.num_attention_heads), "--num-query-groups", str(self.num_query_groups),
             "--seq-length", str(self.seq_length),
-            "--global-batch-size", str(self.batch_size), "--micro-batch-size", str(self.batch_size),
+            "--global-batch-size", str(self.batch_size), "--micro-batch-size", str(self.micro_batch_size or self.batch_size),
             "--train-iters", str(self.train_iters), "--lr-warmup-iters", str(self.lr_warmup_iters),
             "--eval-interval", str(self.eval_interval), "--eval-iters", str(self.eval_iters),
             "--log-interval", str(self.log_interval), "--seed", str(seed),
@@ -103,6 +106,7 @@ class LMConfig:
             "--reweight-r-warmup-steps", str(self.reweight_r_warmup_steps),
             "--reweight-r-warmup-value", str(WARMUP_R),
             "--metrics-file", str(metrics_file), *data_args, *self.extra_args,
+            *(["--reweight-audit-dir", f"{self.audit_dir}/{strategy}-seed{seed}"] if self.audit_dir else []),
         ]  # fmt: skip
 
 
@@ -203,14 +207,18 @@ def worker(cfg: LMConfig, strategy: str, seed: int, data_args: list[str], out: P
     class RecordingReweighter(trainer_module.SampleReweighter):
         def loss_func(self, loss_mask, output_tensor, domain_ids=None):
             result = super().loss_func(loss_mask, output_tensor, domain_ids)
-            steps.append(
-                {
-                    "r": self.temperature(),
-                    "losses": self.last_losses.double().numpy().copy(),
-                    "weights": self.last_weights.double().numpy().copy(),
-                    "domain_ids": domain_ids.numpy().copy(),  # one process: the whole batch
-                }
-            )
+            window = {
+                "step": self.step,
+                "r": self.temperature(),
+                "losses": self.last_losses.double().numpy().copy(),
+                "weights_x_b": self.last_weights.double().numpy() * self.last_weights.numel(),
+                "domain_ids": domain_ids.numpy().copy(),  # one process: the whole window
+            }
+            if steps and steps[-1]["step"] == self.step:  # the step's next micro-batch window
+                for key in ("losses", "weights_x_b", "domain_ids"):
+                    steps[-1][key] = np.concatenate([steps[-1][key], window[key]])
+            else:
+                steps.append(window)
             return result
 
     trainer_module.SampleReweighter = RecordingReweighter
@@ -246,8 +254,8 @@ def flat_reweight(reweight: dict) -> dict:
 
 def summarise_steps(steps: list[dict], num_domains: int, window: int) -> dict:
     """What the analysis needs from every step's losses, weights and domains, compactly."""
-    losses = np.stack([s["losses"] for s in steps])  # [steps, b]
-    w_times_b = np.stack([s["weights"] for s in steps]) * losses.shape[1]
+    losses = np.stack([s["losses"] for s in steps])  # [steps, samples per step]
+    w_times_b = np.stack([s["weights_x_b"] for s in steps])  # weight x its window's b
     domain_ids = np.stack([s["domain_ids"] for s in steps])
     reweighted = np.array([s["r"] != WARMUP_R for s in steps])
     per_domain = {"weight_x_b": [], "loss": [], "samples": []}
@@ -288,8 +296,10 @@ def _between_share(losses: np.ndarray, ids: np.ndarray, num_domains: int) -> flo
 def run_config(cfg: LMConfig) -> dict:
     """The settings a saved run must share with the current command to be reused."""
     fields_ = asdict(cfg)
-    for name in ("strategies", "seeds", "threads"):
+    for name in ("strategies", "seeds", "threads", "audit_dir"):
         fields_.pop(name)
+    if fields_["micro_batch_size"] is None:  # runs saved before the setting existed
+        fields_.pop("micro_batch_size")
     return json.loads(json.dumps(fields_))
 
 
@@ -629,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
             if isinstance(default, tuple):
                 parser.add_argument(flag, nargs="+", type=type(default[0]))
             else:
-                parser.add_argument(flag, type=type(default))
+                parser.add_argument(flag, type={"micro_batch_size": int, "audit_dir": str}.get(field.name, type(default)))
     parser.add_argument("--extra-args", default="", help="more pretrain_llama.py flags, quoted")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-seed", type=int, help=argparse.SUPPRESS)
@@ -673,7 +683,7 @@ def main() -> None:
     defaults = experiment_defaults(args.experiment)
     for field in fields(LMConfig):
         value = getattr(cfg, field.name)
-        if field.name not in ("experiment", "threads") and value != getattr(defaults, field.name):
+        if field.name not in ("experiment", "threads", "audit_dir") and value != getattr(defaults, field.name):
             shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
             command += f" --{field.name.replace('_', '-')} " + (f"'{shown}'" if field.name == "extra_args" else str(shown))
     report = {

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -77,6 +78,12 @@ class ReweightConfig:
         "micro-batch per step)",
         flag="--reweight-window",
         choices=WINDOWS,
+    )
+    audit_dir: Path | None = setting(
+        None,
+        "write every sample's iteration, r, domain, documents, loss and weight x b here (Parquet; read with "
+        "megatron-reweight-audit)",
+        flag="--reweight-audit-dir",
     )
 
     def __post_init__(self) -> None:
@@ -192,6 +199,7 @@ class SampleReweighter:
         self.last_weights: torch.Tensor | None = None
         self.skipped_samples = 0  # non-finite samples skipped on this rank (skip_nonfinite_samples)
         self.window = None  # set by megatron_reweight.window while it runs a global-batch step
+        self.audited: list | None = None  # a list: every window's (losses, weights) is appended (the audit)
 
     @classmethod
     def from_parallel_state(
@@ -247,6 +255,8 @@ class SampleReweighter:
             **self.config.strategy_kwargs,
         )  # fmt: skip
         self.last_losses, self.last_weights = window_losses, weights
+        if self.audited is not None:
+            self.audited.append((window_losses, weights))
         return weights
 
     def weighted_loss(

@@ -257,6 +257,8 @@ def _check_extras(config: TrainConfig) -> None:
         needs.append(("train", "--tensorboard-dir", ""))
     if config.logging.wandb_project:
         needs.append(("wandb", "--wandb-project", ""))
+    if config.reweight.audit_dir is not None:
+        needs.append(("data", "--reweight-audit-dir (Parquet)", ""))
     for extra, needed_for, alternative in needs:
         try:
             require_extra(extra, needed_for)

@@ -138,6 +138,7 @@ def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> Tra
         domain_of_dataset = torch.tensor(data.domain_of_prefix, device=runtime.device)
         dataset_names = [data.domains[domain] for domain in data.domain_of_prefix]
     forward_step = make_forward_step(runtime.device, data.tokenizer.vocab_size, dataset_names)
+    audit = _audit_writer(config, runtime, data, datasets.train, dataset_names, reweighter, state.iteration)
     train_forward_step = partial(forward_step, loss_func=partial(weighted_loss_func, reweighter, domain_of_dataset))
     validator = Validator(config, datasets.valid, runtime, forward_step, num_microbatches)
 
@@ -159,11 +160,16 @@ def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> Tra
             raise _stopped(error, state.iteration + 1, checkpointer.saved_at) from error
         interval.add(step)
         domain_weights.add(step.reports)
+        if audit is not None:
+            audit.add_step(state.iteration + 1, reweighter.temperature(), state.consumed_samples, reweighter.audited)
+            reweighter.audited.clear()
         for flag in checks.flagged:
             log.print(f"warning: iteration {state.iteration + 1}: {flag} (--check-for-spiky-loss)")
         state.iteration += 1
         state.consumed_samples += o.global_batch_size
 
+        if audit is not None and (log.should_log(state.iteration) or checkpointer.should_save(state.iteration)):
+            audit.flush()
         if log.should_log(state.iteration):
             log.log_train(state.iteration, _interval_values(interval, mo, reweighter, state, config, runtime))
             log.log_histograms(state.iteration, _weight_histograms(reweighter))
@@ -174,11 +180,15 @@ def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> Tra
         if checkpointer.should_save(state.iteration):
             checkpointer.save(state, "interval")
         if state.iteration < o.train_iters and exit_monitor.should_exit(state.iteration):
+            if audit is not None:
+                audit.flush()
             checkpointer.save(state, exit_monitor.reason)
             result.exit_reason = exit_monitor.reason
             log.print(f"exiting at iteration {state.iteration}: {exit_monitor.reason}")
             break
     else:
+        if audit is not None:
+            audit.flush()
         checkpointer.save(state, "end of training")
 
     result.iteration, result.consumed_samples = state.iteration, state.consumed_samples
@@ -287,6 +297,27 @@ def _interval_values(interval: _Interval, mo, reweighter, state, config: TrainCo
         }
     )
     return values
+
+
+def _audit_writer(config: TrainConfig, runtime, data, train_dataset, dataset_names, reweighter, iteration: int):
+    """--reweight-audit-dir: the writer on the logging rank (last pipeline stage, where every
+    window's gathered losses and weights are), continuing from `iteration`; None elsewhere."""
+    if config.reweight.audit_dir is None or not runtime.is_logging_rank:
+        return None
+    from megatron_reweight.audit import AuditWriter, DocumentLookup
+
+    reweighter.audited = []
+    meta = {
+        "strategy": config.reweight.strategy,
+        "window": config.reweight.window,
+        "window_size": _window_size(config, runtime),
+        "global_batch_size": config.optim.global_batch_size,
+        "domains": data.domains,
+        "prefixes": data.prefixes,
+        "dataset_domains": dataset_names,
+    }
+    lookup = DocumentLookup(train_dataset, dataset_names)
+    return AuditWriter(config.reweight.audit_dir, iteration, meta, lookup)
 
 
 def _weight_histograms(reweighter) -> dict:
