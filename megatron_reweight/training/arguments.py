@@ -115,6 +115,8 @@ def _resolve_defaults(config: TrainConfig) -> None:
         data.num_workers = 2 if d.device == "cuda" else 0
     if data.mock_data and data.tokenizer_model is None and data.vocab_size is None:
         data.vocab_size = 4096
+    if data.data_cache_path is None and data.data_path is not None and config.checkpoint.save is not None:
+        data.data_cache_path = config.checkpoint.save / "data-cache"  # the run's folder, not the data's
     config.checkpoint.exit_signal = _signal_name(config.checkpoint.exit_signal)
     log = config.logging
     if log.metrics_file is None:

@@ -74,7 +74,9 @@ class DataConfig:
     split: str = setting("969,30,1", "train,valid,test document split of every prefix")
     tokenizer_model: Path | None = setting(None, "Hugging Face tokenizer.json the data was made with")
     vocab_size: int | None = setting(None, "with --mock-data and no tokenizer; default: 4096", check=positive)
-    data_cache_path: Path | None = setting(None, "where megatron-core caches the dataset indices")
+    data_cache_path: Path | None = setting(
+        None, "where megatron-core caches the dataset indices; default: SAVE/data-cache (the demo corpus: its own)"
+    )
     num_workers: int | None = setting(None, "data-loader workers; default: 2 on CUDA, 0 on CPU", check=non_negative)
     demo_data_root: Path = setting(
         Path("data/demo"), "where the demo corpus is built when neither --data-path nor --mock-data is given"

@@ -124,6 +124,11 @@ def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> Tra
     checkpointer = Checkpointer(config, mo, log, checks)
     state = checkpointer.load()
     _log_run(log, config, runtime, mo, vocab, num_microbatches, data.domains)
+    if data.prefixes is not None and data.cache_path is None:
+        log.print(
+            "note: no --data-cache-path: megatron-core caches the sample indices beside the data and rebuilds the "
+            "blend's each run (with --save DIR they are cached in DIR/data-cache)"
+        )
 
     train_iterator = None  # middle pipeline stages read no data
     if runtime.is_first_stage or runtime.is_last_stage:
@@ -424,11 +429,16 @@ def _quiet_logging() -> None:
         level=logging.WARNING if rank == 0 else logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
     )
     # Notices of megatron-core that say nothing a user of this trainer can act on: the rerun state
-    # machine is off by design, mock data needs no index cache, and a domain's validation set is a
-    # blend of that domain's prefixes, often just one.
+    # machine is off by design, mock data needs no index cache, a run without a cache directory
+    # says so once itself, and a domain's validation set is a blend of that domain's prefixes,
+    # often just one.
     for logger, notice in (
         ("megatron.core.rerun_state_machine", "RerunStateMachine initialized in mode RerunMode.DISABLED"),
         ("megatron.core.datasets.gpt_dataset", "Unable to save MockGPTDataset indexes because path_to_cache is None"),
+        (
+            "megatron.core.datasets.blended_dataset",
+            "Cannot save the BlendedDataset indexes because path_to_cache is None",
+        ),
         ("megatron.core.datasets.blended_dataset", "Building a BlendedDataset for a single MegatronDataset"),
     ):
         logging.getLogger(logger).addFilter(lambda record, notice=notice: record.getMessage() != notice)

@@ -75,11 +75,12 @@ def make_corpus(root: Path, domains=("repeat", "markov", "noise"), docs_per_doma
     return {"prefixes": prefixes, "tokenizer": str(tokenizer), "domains": list(domains)}
 
 
-def data_args(corpus: dict, cache: Path, weights=None) -> list[str]:
+def data_args(corpus: dict, cache: Path | None, weights=None) -> list[str]:
+    """The corpus as a blend (equal weights by default), indices cached in `cache` (None: no --data-cache-path)."""
     weights = weights or [1.0] * len(corpus["prefixes"])
     blend = [x for w, p in zip(weights, corpus["prefixes"]) for x in (str(w), p)]
-    return ["--data-path", *blend, "--tokenizer-model", corpus["tokenizer"], "--split", "90,10,0",
-            "--data-cache-path", str(cache)]  # fmt: skip
+    cache_args = [] if cache is None else ["--data-cache-path", str(cache)]
+    return ["--data-path", *blend, "--tokenizer-model", corpus["tokenizer"], "--split", "90,10,0", *cache_args]
 
 
 def _env() -> dict:

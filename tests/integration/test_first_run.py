@@ -14,7 +14,7 @@ USER_WARNINGS = {"PYTHONWARNINGS": ""}  # Python's default warning filters, as a
 DOMAINS = {"web": (1, 80), "code": (80, 160), "books": (160, VOCAB)}  # token range of each domain
 
 
-def test_sharded_domains_missing_load_and_a_quiet_resume(tmp_path):
+def test_sharded_domains_missing_load_default_data_cache_and_a_quiet_resume(tmp_path):
     # Two input files mixing three domains: six shards (web_00000, web_00001, code_00000, ...).
     rng = numpy.random.default_rng(0)
     files = []
@@ -33,11 +33,12 @@ def test_sharded_domains_missing_load_and_a_quiet_resume(tmp_path):
         )
     )  # fmt: skip
     assert len(prepared.data_path) == 2 * 6
+    prepared_files = sorted((tmp_path / "data").rglob("*"))
 
     ckpt, nothing = tmp_path / "ckpt", tmp_path / "no-such-checkpoint"
     args = SMALL_MODEL + [
         "--data-path", *prepared.data_path, "--tokenizer-model", str(tokenizer), "--split", "80,20,0",
-        "--data-cache-path", str(tmp_path / "cache"), "--log-interval", "1", "--eval-interval", "2",
+        "--log-interval", "1", "--eval-interval", "2",
         "--eval-iters", "1", "--lr-decay-iters", "8", "--save", str(ckpt), "--save-interval", "2",
     ]  # fmt: skip
     first = run(1, args + ["--train-iters", "2", "--load", str(nothing)], env=USER_WARNINGS)
@@ -47,6 +48,12 @@ def test_sharded_domains_missing_load_and_a_quiet_resume(tmp_path):
     )
     assert "domains web, code, books" in first.stdout
     assert "RerunStateMachine" not in first.stderr  # megatron-core's notice of a feature that is off
+    # No --data-cache-path: the indices are cached in the run's folder, not beside the data (and
+    # megatron-core has no "path_to_cache is None" to say).
+    assert "path_to_cache" not in first.stderr, first.stderr
+    assert any((ckpt / "data-cache").glob("*-GPTDataset-train-sample_index.npy"))
+    assert any((ckpt / "data-cache").glob("*-BlendedDataset-valid-dataset_index.npy"))  # a domain's shards
+    assert sorted((tmp_path / "data").rglob("*")) == prepared_files
     train, evals = read_metrics(ckpt / "metrics.jsonl")
     assert sorted(train) == [1, 2]  # from iteration 0
     assert set(evals[2]["domains"]) == set(DOMAINS)

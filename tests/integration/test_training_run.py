@@ -19,17 +19,20 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single_process(corpus, tmp_path_factory):
-    """The reference: one process (no torchrun), no model parallelism."""
+    """The reference: one process (no torchrun), no model parallelism, as a user's first run on
+    prepared data: no --save, no --data-cache-path."""
     out = tmp_path_factory.mktemp("single")
-    result = run(1, SMALL_MODEL + data_args(corpus, out / "cache") + COMMON + ["--metrics-file", str(out / "m.jsonl")])
+    result = run(1, SMALL_MODEL + data_args(corpus, None) + COMMON + ["--metrics-file", str(out / "m.jsonl")])
     return result, *read_metrics(out / "m.jsonl")
 
 
-def test_a_plain_run_prints_nothing_on_stderr(single_process):
+def test_a_plain_run_prints_nothing_on_stderr_and_one_data_cache_note(single_process):
     """megatron-core's notices that ask nothing of the user are filtered (here: each domain's
-    validation set is a blend of its one prefix); Python warnings are off in these runs."""
+    validation set is a blend of its one prefix, and the blend's indices have no cache directory,
+    which the run says once itself); Python warnings are off in these runs."""
     result, _, _ = single_process
     assert result.stderr == ""
+    assert result.stdout.count("note: no --data-cache-path") == 1
 
 
 def _mean_weight(train: dict, first: int, last: int, domain: str) -> float:

@@ -119,6 +119,16 @@ def test_preset_defaults_and_overrides(corpus, tmp_path):
     assert c.device.device == "cpu" and c.device.bf16 is False and c.device.transformer_impl == "local"
 
 
+def test_data_cache_defaults_to_the_save_directory(corpus, tmp_path):
+    """On prepared data, megatron-core's index cache goes to the run's folder, not beside the data."""
+    save = tmp_path / "run"
+    assert config(data_args(corpus, None) + ["--save", str(save)]).data.data_cache_path == save / "data-cache"
+    given = tmp_path / "cache"
+    assert config(data_args(corpus, given) + ["--save", str(save)]).data.data_cache_path == given
+    assert config(data_args(corpus, None)).data.data_cache_path is None  # the run says so when it starts
+    assert config(["--save", str(save)]).data.data_cache_path is None  # the demo corpus keeps its own
+
+
 # --------------------------------------------------------------------------- declared settings
 def test_every_setting_is_one_flag():
     parser = build_parser()

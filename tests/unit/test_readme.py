@@ -1,0 +1,44 @@
+"""The README's commands work as written for a new user in a fresh shell."""
+
+import re
+import tomllib
+
+from tests.helpers import REPO
+
+ACTIVATE = "source .venv/bin/activate"
+
+
+def _commands(markdown: str) -> list[tuple[int, str]]:
+    """(offset in the text, command line) of each command of the bash blocks, continuations joined."""
+    found = []
+    for block in re.finditer(r"```bash\n(.*?)```", markdown, re.S):
+        for command in re.split(r"(?<!\\)\n", block[1]):
+            command = command.replace("\\\n", " ").strip()
+            if command and not command.startswith("#"):
+                found.append((block.start(), command))
+    return found
+
+
+def _program(command: str) -> str:
+    """The program a shell command line runs (after any VAR=value assignments)."""
+    words = [word for word in command.split() if not re.fullmatch(r"[A-Z_]+=\S*", word)]
+    return words[0] if words else ""
+
+
+def test_readme_activates_the_venv_before_running_its_programs_by_name():
+    """A bare `torchrun`, `megatron-reweight-prepare`, `lm_eval` (any program of the virtual
+    environment that scripts/setup.sh makes, or a console script of the package) is "command not
+    found" in a fresh shell: the README says to activate the environment before the first one."""
+    readme = (REPO / "README.md").read_text()
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    venv_bin = REPO / ".venv" / "bin"
+    programs = set(scripts) | ({path.name for path in venv_bin.iterdir()} if venv_bin.is_dir() else set())
+    programs |= {"python", "torchrun", "lm_eval"}
+    bare = [(offset, command) for offset, command in _commands(readme) if _program(command) in programs]
+    assert any(_program(command) in ("torchrun", "lm_eval") for _, command in bare)  # the check sees them
+    activated = readme.find(ACTIVATE)
+    assert activated >= 0, f"the README runs {bare[0][1]!r} without saying {ACTIVATE}"
+    early = [command for offset, command in bare if offset < activated]
+    assert not early, f"run before the README says {ACTIVATE}: {early}"
+    # The newcomer's first commands need no activation.
+    assert "bash scripts/setup.sh && .venv/bin/python pretrain_llama.py" in readme[:activated]
