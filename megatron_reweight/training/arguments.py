@@ -100,7 +100,7 @@ def _resolve_defaults(config: TrainConfig) -> None:
     """Settings whose default follows from others."""
     import torch
 
-    from megatron_reweight.model import transformer_engine_available
+    from megatron_reweight.model import Kernels, transformer_engine_available
 
     m, o, d, data = config.model, config.optim, config.device, config.data
     m.max_position_embeddings = m.max_position_embeddings or m.seq_length
@@ -111,6 +111,13 @@ def _resolve_defaults(config: TrainConfig) -> None:
     if d.transformer_impl is None:
         d.transformer_impl = "transformer_engine" if d.device == "cuda" and transformer_engine_available() else "local"
     d.bf16 = d.device == "cuda" if d.bf16 is None else d.bf16
+    kernels = Kernels.detect(d.device == "cuda", d.transformer_impl == "transformer_engine")
+    for name, available in kernels.available().items():
+        if getattr(d, name) is None:
+            setattr(d, name, available)  # Megatron-LM's default (on), where the kernel exists
+        elif getattr(d, name) and not available:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} needs {Kernels.NEEDS[name]}; drop it (or pass --no-{flag[2:]})")
     if data.num_workers is None:
         data.num_workers = 2 if d.device == "cuda" else 0
     if data.mock_data and data.tokenizer_model is None and data.vocab_size is None:
@@ -188,6 +195,22 @@ def _check_layout(config: TrainConfig, world_size: int) -> None:
         )
     if par.overlap_param_gather and not par.use_distributed_optimizer:
         raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer")
+    _check_recompute(par, m.num_layers // pp)
+
+
+def _check_recompute(par, layers_per_stage: int) -> None:
+    """Megatron's rules for --recompute-granularity, --recompute-method and --recompute-num-layers."""
+    if par.recompute_granularity == "full":
+        if par.recompute_method is None or par.recompute_num_layers is None:
+            raise ConfigError("--recompute-granularity full needs --recompute-method (block or uniform) and --recompute-num-layers")
+        if par.recompute_num_layers > layers_per_stage:
+            raise ConfigError(
+                f"--recompute-num-layers {par.recompute_num_layers} is above the {layers_per_stage} layers per pipeline stage"
+            )
+    elif par.recompute_method is not None or par.recompute_num_layers is not None:
+        flag = "--recompute-method" if par.recompute_method is not None else "--recompute-num-layers"
+        granularity = par.recompute_granularity or "none"
+        raise ConfigError(f"{flag} is for --recompute-granularity full, not {granularity}")
 
 
 def _check_device(config: TrainConfig) -> None:

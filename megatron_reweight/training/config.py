@@ -27,6 +27,17 @@ class ParallelConfig:
     use_distributed_optimizer: bool = setting(False, "shard the optimizer state over DP (ZeRO-1)")
     overlap_grad_reduce: bool = setting(False, "overlap the gradient reduction with the backward pass")
     overlap_param_gather: bool = setting(False, "overlap the parameter all-gather with the forward pass")
+    recompute_granularity: str | None = setting(
+        None, "activation recomputation: full (whole layers, with --recompute-method) or selective (core "
+        "attention only); default none", choices=("full", "selective"),
+    )  # fmt: skip
+    recompute_method: str | None = setting(
+        None, "with full recomputation: block (the first --recompute-num-layers layers of each pipeline stage) or "
+        "uniform (every layer, in groups of --recompute-num-layers)", choices=("block", "uniform"),
+    )  # fmt: skip
+    recompute_num_layers: int | None = setting(
+        None, "layers recomputed per pipeline stage (block) or per group (uniform)", check=positive
+    )
     distributed_timeout_minutes: int = setting(10, "timeout of collectives", check=positive)
 
 
@@ -131,6 +142,17 @@ class DeviceConfig:
     bf16: bool | None = setting(None, "bf16 parameters, fp32 main weights (default: on with CUDA)")
     transformer_impl: str | None = setting(
         None, "default: transformer_engine when importable on CUDA, else local", choices=("transformer_engine", "local")
+    )
+    # Megatron-LM's fusions, each on by default where its kernel exists (model.Kernels); off on CPU.
+    bias_swiglu_fusion: bool | None = setting(None, "fused SwiGLU (default: on with CUDA)")
+    bias_dropout_fusion: bool | None = setting(None, "fused residual add (default: on with CUDA)")
+    masked_softmax_fusion: bool | None = setting(
+        None, "fused attention softmax of the local layers (default: on with CUDA and Transformer Engine or apex)"
+    )
+    persist_layer_norm: bool | None = setting(None, "apex's persistent layer-norm kernel (default: on with CUDA)")
+    rope_fusion: bool | None = setting(None, "fused RoPE (default: on with Transformer Engine)")
+    gradient_accumulation_fusion: bool | None = setting(
+        None, "weight gradients accumulated into the fp32 main grads in the GEMM (default: on with CUDA and apex)"
     )
 
 

@@ -23,9 +23,11 @@ class ModelAndOptimizer:
     scheduler: OptimizerParamScheduler
 
 
-def build_optimizer(config: TrainConfig, model: list[DistributedDataParallel]) -> ModelAndOptimizer:
+def optimizer_config(config: TrainConfig) -> OptimizerConfig:
+    """As Megatron-LM's get_megatron_optimizer_config builds it from the equivalent flags
+    (docs/training.md lists the differences)."""
     o = config.optim
-    optimizer_config = OptimizerConfig(
+    return OptimizerConfig(
         optimizer="adam",
         lr=o.lr,
         min_lr=o.min_lr,
@@ -37,9 +39,14 @@ def build_optimizer(config: TrainConfig, model: list[DistributedDataParallel]) -
         bf16=config.device.bf16,
         params_dtype=torch.bfloat16 if config.device.bf16 else torch.float32,
         use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+        overlap_param_gather=config.parallel.overlap_param_gather,  # else the step all-gathers the parameters too
         overlap_param_gather_with_optimizer_step=False,
     )
-    optimizer = get_megatron_optimizer(optimizer_config, model)
+
+
+def build_optimizer(config: TrainConfig, model: list[DistributedDataParallel]) -> ModelAndOptimizer:
+    o = config.optim
+    optimizer = get_megatron_optimizer(optimizer_config(config), model)
 
     gbs = o.global_batch_size
     scheduler = OptimizerParamScheduler(

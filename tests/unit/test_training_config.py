@@ -308,3 +308,25 @@ def test_missing_and_corrupt_data_prefixes_are_named(corpus, tmp_path):
     bad_tokenizer.write_text("{}")
     args = SMALL_MODEL + ["--data-path", corpus["prefixes"][0], "--tokenizer-model", str(bad_tokenizer)]
     assert "not a Hugging Face tokenizer.json" in data_error(args)
+
+
+def test_recomputation_and_fusion_flags_follow_megatrons_rules():
+    mock = ["--mock-data", "--device", "cpu"]
+    assert "--recompute-granularity full needs --recompute-method" in error(mock + ["--recompute-granularity", "full"])
+    assert "--recompute-method is for --recompute-granularity full, not selective" in error(
+        mock + ["--recompute-granularity", "selective", "--recompute-method", "block"]
+    )
+    assert "--recompute-num-layers is for --recompute-granularity full, not none" in error(
+        mock + ["--recompute-num-layers", "2"]
+    )
+    assert "--recompute-num-layers 3 is above the 2 layers per pipeline stage" in error(
+        mock + ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "3",
+                "--pipeline-model-parallel-size", "2"], world_size=2,
+    )  # fmt: skip
+    full = config(mock + ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"])
+    assert (full.parallel.recompute_granularity, full.parallel.recompute_method) == ("full", "uniform")
+    # On the CPU Megatron-LM's fusions are off, and asking for one names what it needs.
+    device = config(mock).device
+    assert not any((device.bias_swiglu_fusion, device.rope_fusion, device.gradient_accumulation_fusion))
+    assert "--rope-fusion needs Transformer Engine's layers" in error(mock + ["--rope-fusion"])
+    assert "--bias-swiglu-fusion needs CUDA" in error(mock + ["--bias-swiglu-fusion"])
