@@ -8,7 +8,8 @@ gradient shards equal the reference gradient: (1/M) sum_m sum_i w_i f_i with wei
 micro-batch across DP, sum_i w_i f_i with weights over the whole global batch. Negative
 controls: the per-micro-batch window's weights differ from the global-batch window's; with
 dropout on, two plain forward passes differ while the global-batch window's two passes agree
-exactly. See tests/integration/workers/equivalence.py.
+exactly (with activation recomputation too: the recomputed forward replays the same masks).
+See tests/integration/workers/equivalence.py.
 """
 
 from pathlib import Path
@@ -48,6 +49,9 @@ def _options(microbatches: int, strategy: str) -> list[str]:
         ("TP2xDP2 + negative control", ["--tp", "2", "--negative-control"], 4, 2, "linupper"),
         ("PP2xDP2", ["--pp", "2"], 4, 2, "linupper"),
         ("CP2xDP2", ["--cp", "2"], 4, 2, "linupper"),
+        # Activation recomputation (of 1 of 2 layers, and of every layer), dropout included.
+        ("DP2, block recomputation", ["--recompute-method", "block"], 2, 2, "linupper"),
+        ("PP2xDP2, uniform recomputation", ["--pp", "2", "--recompute-method", "uniform"], 4, 2, "linupper"),
     ],
 )
 def test_layout_matches_single_process_reference(reference_dir, name, layout, processes, microbatches, strategy):

@@ -41,7 +41,13 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_reweight import ReweightConfig, SampleReweighter, TemperatureSchedule, compute_weights, window
 from megatron_reweight.loss import WINDOWS, check_megatron_config, per_sample_losses
-from megatron_reweight.model import ModelConfig, build_llama, llama_transformer_config, transformer_engine_available
+from megatron_reweight.model import (
+    ModelConfig,
+    Recompute,
+    build_llama,
+    llama_transformer_config,
+    transformer_engine_available,
+)
 
 SHAPE = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                     num_query_groups=2, seq_length=16)  # fmt: skip
@@ -66,6 +72,9 @@ def parse_args():
     parser.add_argument("--strategy", default="linupper")
     parser.add_argument("--r", type=float, default=0.5)
     parser.add_argument("--negative-control", action="store_true")
+    parser.add_argument(
+        "--recompute-method", choices=["block", "uniform"], help="layout phase: full recomputation of one layer per stage"
+    )
     return parser.parse_args()
 
 
@@ -174,7 +183,8 @@ def check_negative_control(output_tensor, loss_mask, expected_local_weights) -> 
 
 def build_ddp_model(args, reference_data: dict, per_token_loss: bool, average_in_collective: bool, dropout=0.0):
     """This rank's shard of the reference model, wrapped in megatron's DDP as a trainer does."""
-    config = llama_transformer_config(SHAPE, calculate_per_token_loss=per_token_loss)
+    recompute = Recompute("full", args.recompute_method, 1) if args.recompute_method else Recompute()
+    config = llama_transformer_config(SHAPE, calculate_per_token_loss=per_token_loss, recompute=recompute)
     config.hidden_dropout = config.attention_dropout = dropout
     model = build_llama(SHAPE, config, VOCAB, use_transformer_engine=USE_TE)
     initial = local_reference(reference_data["weights_init"], model, args)
