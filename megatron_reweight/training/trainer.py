@@ -320,6 +320,7 @@ def _audit_writer(config: TrainConfig, runtime, data, train_dataset, dataset_nam
         "domains": data.domains,
         "prefixes": data.prefixes,
         "dataset_domains": dataset_names,
+        "tokenizer_model": data.tokenizer.unique_identifiers.get("path"),  # for the report's text snippets
     }
     lookup = DocumentLookup(train_dataset, dataset_names)
     return AuditWriter(config.reweight.audit_dir, iteration, meta, lookup)

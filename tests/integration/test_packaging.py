@@ -18,7 +18,7 @@ import pytest
 
 from tests.helpers import REPO
 
-SCRIPTS = {"megatron-reweight-prepare", "megatron-reweight-demo", "megatron-reweight-export"}
+SCRIPTS = {"megatron-reweight-prepare", "megatron-reweight-demo", "megatron-reweight-export", "megatron-reweight-audit"}
 # An NGC PyTorch container's build (25.01): a pre-release version, which sorts below 2.6.0.
 NGC_TORCH = "2.6.0a0+ecf3bae40a.nv25.01"
 

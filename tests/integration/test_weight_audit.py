@@ -7,6 +7,7 @@ The reference for the documents is megatron-core's own reading of a sample
 on the training blend rebuilt here from the run's index cache; for the losses and weights, the
 run's metrics file (Megatron's reduction of the loss function's reports)."""
 
+import json
 import math
 import shutil
 import warnings
@@ -125,3 +126,47 @@ def test_a_resumed_run_continues_the_audit_without_duplicates_or_torn_rows(audit
     for key in ("loss", "weight_x_b"):
         assert rows[key] == pytest.approx(before[key], rel=1e-4), key
     assert not any(math.isnan(v) for v in rows["loss"])
+
+
+def test_the_report_reads_domains_and_documents_from_the_audit(audited, tmp_path, capsys):
+    """megatron-reweight-audit --json against the rows read directly (a plain per-document loop);
+    the snippets are the documents' text from the prefixes through the run's tokenizer."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from tokenizers import Tokenizer
+
+    from megatron_reweight.audit.report import main
+
+    root, corpus, _ = audited
+    plot = tmp_path / "audit.png"
+    assert main([str(root / "audit"), "--json", "--top", "3", "--plot", str(plot), "--from-iteration", "3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = read_audit(root / "audit")[1].to_pylist()
+    rows = [row for row in rows if row["iteration"] >= 3]
+
+    assert report["rows"] == len(rows) and report["iterations"] == [3, ITERS] and plot.stat().st_size > 10_000
+    for domain in corpus["domains"]:
+        weights = [row["weight_x_b"] for row in rows if row["domain"] == domain]
+        assert report["domains"][domain]["mean_weight_x_b"] == pytest.approx(numpy.mean(weights), rel=1e-6)
+        assert report["domains"][domain]["samples"] == len(weights)
+    per_document = {}
+    for row in rows:
+        for document in row["documents"]:
+            per_document.setdefault((row["dataset_id"], document), []).append(row["weight_x_b"])
+    means = sorted((numpy.mean(w), key) for key, w in per_document.items())
+    assert report["documents"]["count"] == len(per_document)
+    lowest, highest = report["documents"]["down_weighted"], report["documents"]["up_weighted"]
+    assert [e["mean_weight_x_b"] for e in lowest] == pytest.approx([m for m, _ in means[:3]], abs=1e-4)
+    assert [e["mean_weight_x_b"] for e in highest] == pytest.approx([m for m, _ in means[::-1][:3]], abs=1e-4)
+
+    tokenizer = Tokenizer.from_file(corpus["tokenizer"])
+    entry = lowest[0]
+    dataset = IndexedDataset(corpus["prefixes"][entry["dataset_id"]])  # kept: its tokens are a view of its file
+    text = tokenizer.decode(dataset[entry["document"]].tolist())
+    assert entry["snippet"] == " ".join(text.split())[: len(entry["snippet"])] and len(entry["snippet"]) > 20
+
+
+def test_the_report_names_a_missing_audit(tmp_path, capsys):
+    from megatron_reweight.audit.report import main
+
+    assert main([str(tmp_path), "--no-plot"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: no meta.json; not a weight audit (--reweight-audit-dir)\n"
