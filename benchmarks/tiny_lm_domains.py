@@ -585,7 +585,8 @@ def markdown_section(report: dict) -> str:
             "",
             (
                 f"Weights after the r warm-up ({first['steps_after_warmup']} steps over all seeds): mean weight x b per domain "
-                "(1 = uniform; < 1: down-weighted), the largest weight x b per step (Theorem 1 asks for at most 2), and the "
+                "(1 = uniform; < 1: down-weighted), the largest weight x b per step (Theorem 1 assumes at most 2: the bound paper 1 shows LinUpper "
+                "keeping; Quadratic and Extremes are not built to keep it), and the "
                 "effective sample fraction 1 / (b sum w²):"
             ),
             "",

@@ -96,7 +96,7 @@ class RunResult:
     eval_steps: list[int]
     test_loss: list[float]
     outlier_weight_share: list[float]  # mean over each eval window of the batch weight on outliers
-    max_weight_x_batch: list[float]  # max over each eval window of max_i w_i * b (Theorem 1 asks <= 2)
+    max_weight_x_batch: list[float]  # max over each eval window of max_i w_i * b (Theorem 1 assumes <= 2: LinUpper's bound)
     weight_sum_error: float  # max |sum_i w_i - 1| over all steps
     min_weight: float
     diverged_at: int | None = None

@@ -164,7 +164,7 @@ def weight_statistics(losses: torch.Tensor, weights: torch.Tensor) -> dict[str, 
     f = torch.where(valid, losses.double(), 0.0)
     values = {
         "weighted loss": (w * f).sum(),
-        "max weight x batch": w.max() * count,  # Theorem 1 asks for <= 2
+        "max weight x batch": w.max() * count,  # Theorem 1 assumes <= 2: LinUpper's bound (paper 1, A.5)
         "min weight x batch": torch.where(valid, w, torch.inf).min() * count,
         "effective sample fraction": 1.0 / (w.square().sum() * count),
         "sample loss min": torch.where(valid, f, torch.inf).min(),

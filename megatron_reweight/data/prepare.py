@@ -519,7 +519,7 @@ def _count(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m megatron_reweight.data.prepare",
+        prog="megatron-reweight-prepare",  # also for `python -m megatron_reweight.data.prepare`
         description="Tokenise a Hugging Face dataset or local parquet/jsonl files into Megatron .bin/.idx shards.",
     )
     source = parser.add_argument_group("input")
@@ -543,15 +543,22 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     output = parser.add_argument_group("output")
-    output.add_argument("--output-dir", type=Path, required=True)
+    output.add_argument(
+        "--output-dir", type=Path, required=True,
+        help=f"where the .bin/.idx shards, {SUMMARY_FILE} and {DATA_PATH_FILE} (the --data-path to train on) go; "
+        "rerun with the same folder to resume",
+    )  # fmt: skip
     output.add_argument("--name", default="data", help="dataset name without --domain-field (default: data)")
-    output.add_argument("--token-budget", type=_count, help="stop at the document reaching this many tokens (175e9)")
+    output.add_argument(
+        "--token-budget", type=_count,
+        help="stop at the document reaching this many tokens, e.g. 175e9 (default: no limit, the whole input)",
+    )  # fmt: skip
     output.add_argument("--merge-shards", action="store_true", help="concatenate each domain's shards into one")
     output.add_argument("--domain-weights", default="uniform", help="uniform (default), tokens, or NAME=W,...")
 
     execution = parser.add_argument_group("execution")
     execution.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="default: all cores")
-    execution.add_argument("--batch-chars", type=_count, default=1_000_000, help="text per tokenizer call (1e6)")
+    execution.add_argument("--batch-chars", type=_count, default=1_000_000, help="text per tokenizer call (default 1e6)")
     execution.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 

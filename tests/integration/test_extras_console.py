@@ -33,3 +33,16 @@ def test_data_commands_without_the_data_extra_name_it(name):
     assert result.returncode == 2
     assert result.stderr == f"error: {name} needs datasets, tqdm: pip install 'megatron-reweight[data]'\n"
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("module", ["megatron_reweight.data.prepare", "megatron_reweight.data.demo"])
+def test_data_modules_run_with_python_m_without_the_data_extra_name_it(module, tmp_path):
+    """`python -m MODULE` itself (a sitecustomize hides the extra's modules, as if not installed)."""
+    (tmp_path / "sitecustomize.py").write_text('import sys; sys.modules.update(dict.fromkeys(["tqdm", "datasets"]))\n')
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=REPO, env={"PYTHONPATH": f"{tmp_path}:{REPO}"},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == f"error: python -m {module} needs datasets, tqdm: pip install 'megatron-reweight[data]'\n"
+    assert result.stdout == ""

@@ -18,6 +18,7 @@ from tests.helpers import REPO
 SHELL_SCRIPTS = sorted((REPO / "examples" / "slurm").glob("*.sbatch")) + [
     REPO / "examples" / "slurm" / "common.sh",
     REPO / "scripts" / "gpu_check.sh",
+    REPO / "scripts" / "setup.sh",
 ]
 DOCKERFILES = [REPO / "docker" / "Dockerfile"]
 

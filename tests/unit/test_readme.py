@@ -42,3 +42,14 @@ def test_readme_activates_the_venv_before_running_its_programs_by_name():
     assert not early, f"run before the README says {ACTIVATE}: {early}"
     # The newcomer's first commands need no activation.
     assert "bash scripts/setup.sh && .venv/bin/python pretrain_llama.py" in readme[:activated]
+
+
+def test_theorem_1_bound_is_named_as_linuppers_where_the_max_weight_is_explained():
+    """Quadratic and Extremes can put more than 2/b on a sample (max w*b above 2): the <= 2 that the
+    README and the results pages print beside that number is Theorem 1's assumption, which paper 1
+    shows LinUpper keeping, not a promise of every strategy."""
+    texts = {path: path.read_text() for path in [REPO / "README.md", *(REPO / "docs").glob("*.md")]}
+    for path, text in texts.items():
+        assert "Theorem 1 asks for" not in text, path  # the old label, read as a bound of every strategy
+    label = re.search(r"`max weight x batch` \((.*?)`min weight x batch`", texts[REPO / "README.md"], re.S)[1]
+    assert "LinUpper" in label and "Quadratic" in label, label
