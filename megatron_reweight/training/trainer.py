@@ -199,7 +199,8 @@ def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> Tra
     result.iteration, result.consumed_samples = state.iteration, state.consumed_samples
     result.checkpoint = checkpointer.last_checkpoint
     result.train_history, result.eval_history = log.train_history, log.eval_history
-    _log_summary(log, config, result, checkpointer, *domain_weights.read("run"), time.perf_counter() - start)
+    weights, weights_from = domain_weights.read("run")
+    _log_summary(log, config, result, checkpointer, data.domains, weights, weights_from, time.perf_counter() - start)
     log.close()
     return result
 
@@ -383,7 +384,7 @@ def _log_run(log: MetricsLogger, config: TrainConfig, runtime, mo, vocab: int, n
 
 
 def _log_summary(
-    log: MetricsLogger, config: TrainConfig, result: TrainResult, checkpointer: Checkpointer,
+    log: MetricsLogger, config: TrainConfig, result: TrainResult, checkpointer: Checkpointer, domains: list[str],
     weights: dict[str, float], weights_from: int, seconds: float,
 ) -> None:  # fmt: skip
     """The run's answer on one screen: how far it went, the final losses, each domain's mean
@@ -396,21 +397,21 @@ def _log_summary(
     if result.train_history:
         head += f", final training lm loss {result.train_history[-1]['lm loss']:.4f}"
     lines = [head]
-    validation = result.eval_history[-1] if result.eval_history else None
-    domains = list(validation["domains"]) if validation else list(weights)
-    if domains:
-        evaluated = f"validation loss and ppl at iteration {validation['iteration']}" if validation else "no validation"
-        lines.append(
-            f"  per domain: {evaluated}, mean weight x b (w*b) over iterations {weights_from}-{result.iteration} "
-            "(below 1: down-weighted)"
-        )
-        lines.append(f"  {'domain':<16} {'loss':>8} {'ppl':>10} {'w*b':>7}")
+    validation = result.eval_history[-1]["domains"] if result.eval_history else {}
+    if validation or weights:
+        parts = [f"validation loss and ppl at iteration {result.eval_history[-1]['iteration']}" if validation
+                 else "no validation"]  # fmt: skip
+        if weights:
+            parts.append(
+                f"mean weight x b (w*b) over iterations {weights_from}-{result.iteration} (below 1: down-weighted)"
+            )
+        lines.append(f"  per domain: {', '.join(parts)}")
+        lines.append(f"  {'domain':<16} {'loss':>8} {'ppl':>10}" + (f" {'w*b':>7}" if weights else ""))
         for name in domains:
-            d = validation["domains"].get(name, {}) if validation else {}
-            loss = f"{d['loss']:.4f}" if d else "-"
-            ppl = f"{d['ppl']:.2f}" if d else "-"
+            d = validation.get(name)
+            loss, ppl = (f"{d['loss']:.4f}", f"{d['ppl']:.2f}") if d else ("-", "-")
             weight = f"{weights[name]:.3f}" if name in weights else "-"
-            lines.append(f"  {name:<16} {loss:>8} {ppl:>10} {weight:>7}")
+            lines.append(f"  {name:<16} {loss:>8} {ppl:>10}" + (f" {weight:>7}" if weights else ""))
     saved = checkpointer.saved_at is not None and config.checkpoint.save is not None
     checkpoint = checkpointer.last_checkpoint if saved else "none (no --save)"
     metrics = config.logging.metrics_file or "none (--save, --tensorboard-dir or --metrics-file writes one)"
