@@ -20,6 +20,16 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def _checkpoint_writer_helper(parent_pid: int) -> None:
+    """The writer's queue server: dies with the trainer, and outlives the stop signals.
+    A preemption (Slurm's SIGTERM to every process of the step, torchrun's to each rank's
+    process group) or a Ctrl-C (SIGINT to the terminal's process group) reaches it too; the
+    trainer answers such a signal by saving, which needs this server until it is done."""
+    die_with_parent(parent_pid)
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, signal.SIG_IGN)
+
+
 def bind_checkpoint_writer_to_this_process() -> None:
     """megatron-core's torch_dist writer collects its write results through a queue served by a
     multiprocessing Manager, spawned at the first save (`filesystem_async._get_write_results_queue`);
@@ -31,5 +41,5 @@ def bind_checkpoint_writer_to_this_process() -> None:
 
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+        manager.start(initializer=_checkpoint_writer_helper, initargs=(os.getpid(),))
         filesystem_async._results_queue = manager.Queue()
