@@ -17,13 +17,23 @@ import warnings
 # must be set before CUDA is initialised.
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
-import torch
 
-if not torch.cuda.is_available():
-    # Transformer Engine and Apex need CUDA: megatron-core's fallback notices say nothing on CPU.
-    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed", category=UserWarning)
+def _run() -> int:
+    import torch
 
-from megatron_reweight.training.trainer import main
+    if not torch.cuda.is_available():
+        # Transformer Engine and Apex need CUDA: megatron-core's fallback notices say nothing on CPU.
+        warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed", category=UserWarning)
+
+    from megatron_reweight.training.trainer import main
+
+    return main()
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(_run())
+    except KeyboardInterrupt:  # Ctrl-C while starting (the imports take seconds), before the loop's handler
+        if os.environ.get("RANK", "0") == "0":
+            print("pretrain_llama.py: interrupted (Ctrl-C) before training began; nothing saved", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, as after a Ctrl-C in training

@@ -17,6 +17,7 @@ their turn.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from megatron_reweight.training.evaluation import Validator
 from megatron_reweight.training.metrics import DOMAIN_WEIGHT, WINDOW_SIZE, DomainWeights, MetricsLogger
 from megatron_reweight.training.model import build_model, num_parameters
 from megatron_reweight.training.optimizer import build_optimizer, current_lr
-from megatron_reweight.training.signals import ExitMonitor
+from megatron_reweight.training.signals import INTERRUPTED, INTERRUPTED_EXIT_CODE, ExitMonitor
 
 
 @dataclass
@@ -93,7 +94,7 @@ def train(config: TrainConfig) -> TrainResult:
     owns_process_group = not dist.is_initialized()
     runtime = distributed.initialize(config)
     try:
-        with ExitMonitor(config.checkpoint, runtime.device) as exit_monitor:
+        with ExitMonitor(config.checkpoint, runtime.device, announce=runtime.is_logging_rank) as exit_monitor:
             return _train(config, runtime, data, exit_monitor)
     finally:
         if owns_process_group:
@@ -189,7 +190,8 @@ def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> Tra
                 audit.flush()
             checkpointer.save(state, exit_monitor.reason)
             result.exit_reason = exit_monitor.reason
-            log.print(f"exiting at iteration {state.iteration}: {exit_monitor.reason}")
+            where = _saved_where(checkpointer, state)
+            log.print(f"exiting at iteration {state.iteration}: {exit_monitor.reason}; {where}")
             break
     else:
         if audit is not None:
@@ -203,6 +205,16 @@ def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> Tra
     _log_summary(log, config, result, checkpointer, data.domains, weights, weights_from, time.perf_counter() - start)
     log.close()
     return result
+
+
+def _saved_where(checkpointer: Checkpointer, state) -> str:
+    """Where an early exit left the run, for its last line."""
+    root = checkpointer.config.checkpoint.save
+    if root is None:
+        return "nothing saved (no --save)"
+    if checkpointer.saved_at == state.iteration:
+        return f"checkpoint {checkpointer.last_checkpoint}, resume with --load {root}"
+    return f"this step is not saved; the latest checkpoint is {checkpointer.last_checkpoint or 'none'}"
 
 
 @dataclass
@@ -424,7 +436,6 @@ def _log_summary(
 def _quiet_logging() -> None:
     """megatron-core logs through `logging`: show its warnings once (rank 0), not per rank."""
     import logging
-    import os
 
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
@@ -453,9 +464,9 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_logging()
     try:
-        train(parse_config(argv))
+        result = train(parse_config(argv))
     except ConfigError as error:
         report_config_error(error)
     except TrainingStopped as error:
         report_config_error(error, exit_code=1)
-    return 0
+    return INTERRUPTED_EXIT_CODE if result.exit_reason == INTERRUPTED else 0
