@@ -110,10 +110,10 @@ def test_ctrl_c_finishes_the_step_saves_and_says_where(corpus, tmp_path, nproc):
 
     saved = int(tracker.read_text())
     assert 3 <= saved < ITERS, stdout[-3000:] + stderr[-5000:]
-    assert stdout.strip().splitlines()[-1] == (
+    assert (
         f"exiting at iteration {saved}: Ctrl-C (SIGINT); checkpoint {ckpt / f'iter_{saved:07d}'}, "
         f"resume with --load {ckpt}"
-    )
+    ) in stdout.splitlines()
     assert _rank_lines(stderr) == [
         "Ctrl-C: stopping after this step, saving a checkpoint; press Ctrl-C again to abort at once"
     ]
@@ -129,8 +129,8 @@ def test_ctrl_c_without_save_is_one_line(corpus, uninterrupted, tmp_path):
     records = read_metrics(metrics)[0]
     stopped = max(records)
     assert process.returncode == 130
-    last_line = f"exiting at iteration {stopped}: Ctrl-C (SIGINT); nothing saved (no --save)"
-    assert stdout.strip().splitlines()[-1] == last_line
+    exit_line = f"exiting at iteration {stopped}: Ctrl-C (SIGINT); nothing saved (no --save)"
+    assert exit_line in stdout.splitlines()
     assert stderr.strip().splitlines() == [
         "Ctrl-C: stopping after this step, not saving (no --save); press Ctrl-C again to abort at once"
     ]
