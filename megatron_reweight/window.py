@@ -12,8 +12,10 @@ read from the data iterator):
 2. the normal forward-backward pass: each loss_func applies the weights of its samples.
 Around pass 1 the random state (CPU, this CUDA device, megatron's model-parallel RNG tracker)
 is saved and then restored, so dropout draws the same masks and pass 2 computes pass 1's
-losses again exactly; the report's `window loss drift` (max |pass 2 - pass 1| per-sample
-loss) shows it. The price is one forward pass per step. With one micro-batch per step the two
+losses again exactly; the report's `window loss drift` (the step's largest |pass 2 - pass 1|
+per-sample loss) shows it. The loss_func knows which pass it serves (`phase`), and a last
+pipeline stage that recorded no losses, or has no weights in pass 2, stops the step rather
+than train on nothing. `refusal` names what cannot be replayed between the passes. The price is one forward pass per step. With one micro-batch per step the two
 windows are the same samples and the step runs once, as in the micro-batch window.
 """
 
@@ -22,8 +24,44 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from megatron_reweight.loss import SampleLosses, SampleReweighter, gather_losses
+
+
+def refusal(
+    *, cuda_graphs: str | None = None, fp8_delayed_scaling: bool = False, interleaved_param_gather: bool = False
+) -> str | None:
+    """Why a run cannot use the global-batch window (None: it can). The second pass must
+    recompute the first pass's losses from the same state, so nothing the forward-only pass
+    changes may differ between them:
+    * CUDA graphs (`cuda_graphs`: megatron-core's --cuda-graph-impl, local or full-iteration, or
+      transformer_engine): captured graphs replay training-mode forward-backward work and a
+      fixed random offset that a forward-only pass in between would not follow;
+    * FP8 with delayed scaling: the forward-only pass appends to the amax history, so the second
+      pass quantises with other scales;
+    * the interleaved pipeline schedule with --overlap-param-gather: the forward-only pass runs
+      without the schedule's parameter prefetch, and the second pass all-gathers every
+      parameter again.
+    MoE's expert-bias token counting and auxiliary losses need no refusal: the router updates
+    them only with grad enabled, so the forward-only pass leaves them alone."""
+    if cuda_graphs not in (None, "none"):
+        return (
+            f"CUDA graphs (--cuda-graph-impl {cuda_graphs}) replay captured training work and random offsets that "
+            "the window's forward-only pass cannot replay"
+        )
+    if fp8_delayed_scaling:
+        return (
+            "FP8 delayed scaling (--fp8-recipe delayed): the window's forward-only pass updates the amax history, "
+            "so the second pass would quantise with other scales; use another --fp8-recipe"
+        )
+    if interleaved_param_gather:
+        return (
+            "the interleaved pipeline schedule with --overlap-param-gather: the window's forward-only pass runs "
+            "without the schedule's parameter prefetch and the second pass would all-gather every parameter again; "
+            "drop --overlap-param-gather or the virtual pipeline stages"
+        )
+    return None
 
 
 def forward_backward(
@@ -32,7 +70,7 @@ def forward_backward(
 ):  # fmt: skip
     """`forward_backward_func(..., forward_only=False)` with the weighting window of
     `reweighter.config.window`. The forward step must return `reweighter.loss_func` (bound
-    to its batch) as its loss function. Returns the schedule's per-micro-batch reports."""
+    to its batch) as its loss function, in both passes. Returns the schedule's per-micro-batch reports."""
 
     def run(iterator, forward_only: bool):
         return forward_backward_func(
@@ -42,20 +80,34 @@ def forward_backward(
 
     if reweighter.config.window == "micro-batch":
         return run(data_iterator, forward_only=False)
-    window = _GlobalBatchWindow(reweighter, num_microbatches)
+    window = _GlobalBatchWindow(reweighter, num_microbatches, _is_last_stage())
     reweighter.window = window
     try:
         if num_microbatches == 1:  # the window is one micro-batch across DP: weighed as it comes
+            window.phase = SINGLE
             return run(data_iterator, forward_only=False)
         randomness = _RandomState()
         recorded = _record(data_iterator)
+        window.phase = RECORD
         with torch.no_grad():
             run(recorded, forward_only=True)
         window.weigh()
         randomness.restore()
-        return run(_replay(recorded), forward_only=False)
+        window.phase = APPLY
+        reports = run(_replay(recorded), forward_only=False)
+        window.check_applied()
+        return reports
     finally:
         reweighter.window = None
+
+
+def _is_last_stage() -> bool:
+    """Whether this rank computes losses: the last pipeline stage (any rank without model parallelism)."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return True
+    return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
 
 
 class _Recorded:
@@ -98,60 +150,102 @@ class _RandomState:
         self.tracker = get_cuda_rng_tracker()
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-        # Tensors are replaced when the tracker forks; graph-safe generators change in place.
+        # A state tensor is replaced when the tracker forks, so keeping it keeps its value. A
+        # graph-safe generator changes in place and may be registered with CUDA graphs: keep the
+        # object and a copy of its state, to restore into it.
         self.tracked = {
-            name: state.clone() if isinstance(state, torch.Tensor) else state.clone_state()
+            name: state if isinstance(state, torch.Generator) else state.clone()
             for name, state in self.tracker.get_states().items()
+        }
+        self.generator_states = {
+            name: state.get_state() for name, state in self.tracked.items() if isinstance(state, torch.Generator)
         }
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda)
-        self.tracker.set_states(self.tracked)
+        for name, state in self.generator_states.items():
+            self.tracked[name].set_state(state)
+        self.tracker.set_states(dict(self.tracked))
+
+
+# The phases of a global-batch step, as the loss_func sees them.
+SINGLE = "one micro-batch"  # the whole window in one micro-batch: weighed as it comes
+RECORD = "forward-only pass"  # pass 1: record the losses
+APPLY = "forward-backward pass"  # pass 2: apply the window's weights
 
 
 class _GlobalBatchWindow:
     """The loss_func side of one global-batch step: records losses in pass 1, applies the
     window's weights in pass 2 (micro-batches come to the loss_func in order 0..M-1)."""
 
-    def __init__(self, reweighter: SampleReweighter, num_microbatches: int):
+    def __init__(self, reweighter: SampleReweighter, num_microbatches: int, last_stage: bool):
         self.reweighter = reweighter
         self.num_microbatches = num_microbatches
+        self.last_stage = last_stage
+        self.phase: str | None = None  # set by forward_backward before each pass
         self.recorded: list[torch.Tensor] = []  # pass 1: each micro-batch's local losses [b]
         self.local_weights: torch.Tensor | None = None  # [M, b] once weighed
+        self.drift = []  # pass 2: each micro-batch's max |pass 2 - pass 1| loss
         self.applied = 0
 
     def loss_func(self, output_tensor, loss_mask, domain_ids, pieces: SampleLosses):
-        if self.num_microbatches == 1:
+        if self.phase == SINGLE:
             return self.reweighter.micro_batch_loss(output_tensor, loss_mask, domain_ids, pieces)
-        if self.local_weights is None:  # pass 1
+        if self.phase == RECORD:
             self.recorded.append(pieces.losses)
             return pieces.local_sums.new_zeros(()), torch.ones((), dtype=torch.int, device=loss_mask.device), {}
+        if self.phase != APPLY or self.local_weights is None:
+            raise RuntimeError(
+                f"the global-batch window has no weights for this micro-batch ({self.phase or 'no pass'}): "
+                "its forward-only pass recorded no losses on this rank"
+            )
         m = self.applied
         self.applied += 1
         loss, num_tokens, report = self.reweighter.weighted_loss(
             output_tensor, loss_mask, domain_ids, pieces, self.local_weights[m], self.num_microbatches
         )
-        drift = _max_difference(pieces.losses, self.recorded[m])
-        report["window loss drift"] = torch.stack([drift, torch.ones_like(drift)])
+        self.drift.append(_max_difference(pieces.losses, self.recorded[m]))
+        report["window loss drift"] = self._drift_report(last=self.applied == self.num_microbatches)
         return loss, num_tokens, report
+
+    def _drift_report(self, last: bool) -> torch.Tensor:
+        """[value, count]: the step's largest drift over its micro-batches and DP ranks, in the last
+        micro-batch's report of every rank ([0, 0] in the others), so that the sum over micro-batches and
+        DP x CP ranks divided by the count is that maximum."""
+        if not last:
+            return torch.zeros(2, device=self.drift[-1].device)
+        drift = torch.stack(self.drift).max()
+        group = self.reweighter.data_parallel_group  # CP ranks hold the same losses
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(drift, op=dist.ReduceOp.MAX, group=group)
+        return torch.stack([drift, torch.ones_like(drift)])
 
     def weigh(self) -> None:
         """After pass 1, on the last pipeline stage (other stages record nothing): gather the
         window's losses over DP in the sampler's order (micro-batch, DP rank, sample) and weigh."""
-        if not self.recorded:
+        if not self.last_stage:
             return
         if len(self.recorded) != self.num_microbatches:
             raise RuntimeError(
-                f"the global-batch window saw {len(self.recorded)} of {self.num_microbatches} micro-batches' "
-                "losses: the forward step must return this reweighter's loss_func for every micro-batch"
+                f"the global-batch window's forward-only pass recorded {len(self.recorded)} of "
+                f"{self.num_microbatches} micro-batches' losses on this last pipeline stage: the forward step must "
+                "return this reweighter's loss_func for every micro-batch, also without grad"
             )
         local = torch.stack(self.recorded)  # [M, b]
         gathered = gather_losses(local.flatten(), self.reweighter.data_parallel_group)
         window = gathered.view(-1, *local.shape).transpose(0, 1)  # [M, DP, b]
         weights = self.reweighter.weigh(window.flatten()).view(window.shape)
         self.local_weights = weights[:, self.reweighter.data_parallel_rank()]
+
+    def check_applied(self) -> None:
+        """After pass 2: every recorded micro-batch got its weights."""
+        if self.last_stage and self.applied != self.num_microbatches:
+            raise RuntimeError(
+                f"the global-batch window applied weights to {self.applied} of {self.num_microbatches} micro-batches "
+                "on this last pipeline stage: the forward step must return this reweighter's loss_func for every one"
+            )
 
 
 def _max_difference(losses: torch.Tensor, recorded: torch.Tensor) -> torch.Tensor:

@@ -301,6 +301,10 @@ def _interval_values(interval: _Interval, mo, reweighter, state, config: TrainCo
             {"samples/" + key.removeprefix(DOMAIN_WEIGHT): round(float(pair[1]) / cp)
              for key, pair in totals.items() if key.startswith(DOMAIN_WEIGHT)}
         )  # fmt: skip
+        # Each step reports its largest drift (the same on every rank): the interval's is the largest of them.
+        drifts = [float(r["window loss drift"][0]) for r in interval.reports if r.get("window loss drift", (0, 0))[1]]
+        if drifts:
+            values["window loss drift"] = max(drifts)
     step_time = interval.seconds / interval.steps
     values.update(
         {
