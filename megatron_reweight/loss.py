@@ -26,7 +26,9 @@ the global batch.
 Weights are detached. A sample with no unmasked token or a non-finite loss gets
 weight 0 and its tokens pass no gradient. With `LossChecks` (Megatron-LM's
 --check-for-nan-in-loss-and-grad) a non-finite loss stops the run as in Megatron, unless
-`skip_nonfinite_samples` is set: then such samples are skipped, counted and logged.
+`skip_nonfinite_samples` is set: then such samples are counted and logged, and
+megatron_reweight.window skips the step's update (weight 0 alone cannot keep a NaN out of
+the gradients when it comes from the sample's activations: 0 x NaN is NaN in backward).
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ class ReweightConfig:
     strategy_kwargs: dict = field(default_factory=dict)  # the strategy's options (arguments.StrategyOptions)
     skip_nonfinite_samples: bool = setting(
         False,
-        "give a sample with a NaN/Inf loss weight 0 and train on (logged and counted) instead of stopping as "
-        "--check-for-nan-in-loss-and-grad does",
+        "skip the update of a step with a NaN/Inf sample loss (its gradients zeroed; logged and counted) and "
+        "train on, instead of stopping as --check-for-nan-in-loss-and-grad does",
         flag="--reweight-skip-nonfinite-samples",
     )
     window: str = setting(
@@ -152,11 +154,17 @@ def gather_losses(losses: torch.Tensor, data_parallel_group=None) -> torch.Tenso
     return gathered
 
 
-def weight_statistics(losses: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+def weight_statistics(
+    losses: torch.Tensor, weights: torch.Tensor, reports_per_window: int = 1, microbatches_per_step: int = 1
+) -> dict[str, torch.Tensor]:
     """Diagnostics of one gathered batch as Megatron report pairs [value, count].
 
     Invalid (NaN) samples are left out; a batch without valid samples reports count 0,
-    which the reduction skips. Pure tensor ops: no host-device synchronisation."""
+    which the reduction skips. `reweight skipped samples` is the step's exact count of
+    invalid samples: each of the `reports_per_window` reports of a window carries its share,
+    with count 1 / `microbatches_per_step`, so that Megatron's sum over the step's
+    micro-batches and DP x CP ranks divided by the count is that total.
+    Pure tensor ops: no host-device synchronisation."""
     valid = torch.isfinite(losses)
     count = valid.sum().double()
     has_valid = (count > 0).double()
@@ -172,7 +180,8 @@ def weight_statistics(losses: torch.Tensor, weights: torch.Tensor) -> dict[str, 
         "sample loss max": torch.where(valid, f, -torch.inf).max(),
     }
     pairs = {name: torch.stack([torch.nan_to_num(value) * has_valid, has_valid]) for name, value in values.items()}
-    pairs["reweight skipped samples"] = torch.stack([losses.numel() - count, torch.ones_like(count)])
+    skipped = (losses.numel() - count) / reports_per_window
+    pairs["reweight skipped samples"] = torch.stack([skipped, torch.full_like(count, 1 / microbatches_per_step)])
     return {name: pair.float() for name, pair in pairs.items()}
 
 
@@ -198,6 +207,12 @@ class SampleReweighter:
         self.last_losses: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
         self.skipped_samples = 0  # non-finite samples skipped on this rank (skip_nonfinite_samples)
+        # Set by megatron_reweight.window for each step: its micro-batch count, the non-finite samples
+        # this rank saw in it, and whether its update is skipped (skip_nonfinite_samples).
+        self.microbatches_per_step = 1
+        self.step_nonfinite = 0
+        self.skip_update = False
+        self.skipped_updates = 0
         self.window = None  # set by megatron_reweight.window while it runs a global-batch step
         self.audited: list | None = None  # a list: every window's (losses, weights) is appended (the audit)
 
@@ -279,7 +294,9 @@ class SampleReweighter:
         self._check(output_tensor, loss_mask, pieces, lm_loss_sum)
         report = {"lm loss": torch.stack([lm_loss_sum, lm_loss_tokens])}
         # [value, count] pairs: Megatron sums them over microbatches and DP x CP ranks, then divides.
-        report.update(weight_statistics(self.last_losses, self.last_weights))
+        report.update(
+            weight_statistics(self.last_losses, self.last_weights, microbatches_per_window, self.microbatches_per_step)
+        )
         if self.domain_names and domain_ids is not None:
             weights_x_batch = local_weights * self.last_weights.numel()
             report.update(domain_weights(pieces.losses, weights_x_batch, domain_ids, self.domain_names))
@@ -291,6 +308,7 @@ class SampleReweighter:
             skipped = int(pieces.nonfinite.sum())
             if skipped:
                 self.skipped_samples += skipped
+                self.step_nonfinite += skipped
                 logger.warning(
                     f"rank {dist.get_rank() if dist.is_initialized() else 0}: skipped {skipped} sample(s) with a "
                     f"non-finite loss at iteration {self.step} ({self.skipped_samples} so far on this rank; "

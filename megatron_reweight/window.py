@@ -21,12 +21,15 @@ windows are the same samples and the step runs once, as in the micro-batch windo
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.distributed as dist
 
 from megatron_reweight.loss import SampleLosses, SampleReweighter, gather_losses
+
+logger = logging.getLogger(__name__)
 
 
 def refusal(
@@ -66,11 +69,12 @@ def refusal(
 
 def forward_backward(
     reweighter: SampleReweighter, forward_backward_func, *, forward_step_func, data_iterator, model,
-    num_microbatches: int, **schedule_kwargs,
+    num_microbatches: int, forward_only: bool = False, **schedule_kwargs,
 ):  # fmt: skip
-    """`forward_backward_func(..., forward_only=False)` with the weighting window of
-    `reweighter.config.window`. The forward step must return `reweighter.loss_func` (bound
-    to its batch) as its loss function, in both passes. Returns the schedule's per-micro-batch reports."""
+    """`forward_backward_func(...)` with the weighting window of `reweighter.config.window`
+    (a forward-only call runs as it is). The forward step must return `reweighter.loss_func`
+    (bound to its batch) as its loss function, in both passes. Returns the schedule's
+    per-micro-batch reports."""
 
     def run(iterator, forward_only: bool):
         return forward_backward_func(
@@ -78,8 +82,21 @@ def forward_backward(
             num_microbatches=num_microbatches, forward_only=forward_only, **schedule_kwargs,
         )  # fmt: skip
 
+    if forward_only:
+        return run(data_iterator, forward_only=True)
+    reweighter.microbatches_per_step, reweighter.step_nonfinite = num_microbatches, 0
+    skip_nonfinite = reweighter.config.skip_nonfinite_samples
+    if skip_nonfinite:
+        _take_over_nonfinite_grad_check(model)
     if reweighter.config.window == "micro-batch":
-        return run(data_iterator, forward_only=False)
+        reports = run(data_iterator, forward_only=False)
+    else:
+        reports = _global_batch_step(reweighter, run, data_iterator, num_microbatches)
+    reweighter.skip_update = skip_nonfinite and _skip_nonfinite_step(reweighter, model)
+    return reports
+
+
+def _global_batch_step(reweighter: SampleReweighter, run, data_iterator, num_microbatches: int):
     window = _GlobalBatchWindow(reweighter, num_microbatches, _is_last_stage())
     reweighter.window = window
     try:
@@ -99,6 +116,66 @@ def forward_backward(
         return reports
     finally:
         reweighter.window = None
+
+
+def _take_over_nonfinite_grad_check(model) -> None:
+    """With skip_nonfinite_samples, the step-level decision below replaces megatron DDP's NaN/Inf
+    check of each gradient bucket, which would stop the run inside the backward pass before a
+    step with a non-finite sample could be skipped."""
+    for chunk in model:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None:
+            ddp_config.check_for_nan_in_grad = False
+
+
+def _skip_nonfinite_step(reweighter: SampleReweighter, model) -> bool:
+    """Whether any sample of the step, on any rank, had a non-finite loss: then the step's
+    gradients are zeroed and its update is to be skipped (as fp16 loss scaling skips a step).
+    Without such a sample, non-finite gradients stop the run as megatron's check would have
+    (--check-for-nan-in-loss-and-grad). Collective over all ranks."""
+    from megatron.core import parallel_state
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+
+    # Each sample is counted once: TP and CP peers hold the same samples.
+    counted_elsewhere = parallel_state.model_parallel_is_initialized() and (
+        parallel_state.get_tensor_model_parallel_rank() != 0 or parallel_state.get_context_parallel_rank() != 0
+    )
+    grads = [_main_grad(p) for chunk in model for p in chunk.parameters() if _main_grad(p) is not None]
+    device = grads[0].device if grads else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    samples = torch.tensor(0.0 if counted_elsewhere else float(reweighter.step_nonfinite), device=device)
+    grads_finite = torch.stack([g.isfinite().all() for g in grads]).all() if grads else torch.tensor(True, device=device)
+    flags = torch.stack([samples, (~grads_finite).float()])
+    if dist.is_initialized():
+        dist.all_reduce(flags)
+    nonfinite_samples, nonfinite_grads = int(flags[0]), bool(flags[1] > 0)
+    if nonfinite_samples:
+        for chunk in model:
+            if hasattr(chunk, "zero_grad_buffer"):
+                chunk.zero_grad_buffer()
+            else:
+                chunk.zero_grad(set_to_none=False)
+        reweighter.skipped_updates += 1
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            logger.warning(
+                f"iteration {reweighter.step + 1}: update skipped, {nonfinite_samples} sample(s) with a non-finite loss "
+                f"({reweighter.skipped_updates} update(s) skipped so far; --reweight-skip-nonfinite-samples)"
+            )
+        return True
+    if nonfinite_grads and reweighter.checks is not None and reweighter.checks.nan_and_inf:
+        get_rerun_state_machine().validate_result(
+            result=torch.tensor(math.nan),
+            rejection_func=torch.isnan,
+            message="found NaN or Inf in the gradients of a step whose sample losses were all finite",
+            tolerance=0.0,
+            fatal=True,
+        )
+    return False
+
+
+def _main_grad(param: torch.nn.Parameter) -> torch.Tensor | None:
+    """The gradient megatron's optimizer steps with: DDP's main_grad, else .grad."""
+    main_grad = getattr(param, "main_grad", None)
+    return main_grad if main_grad is not None else param.grad
 
 
 def _is_last_stage() -> bool:

@@ -277,7 +277,10 @@ def _train_step(mo, reweighter, forward_step_func, data_iterator, num_microbatch
         seq_length=config.model.seq_length,  # the full length: the schedule divides by CP (and TP with SP)
         micro_batch_size=config.optim.micro_batch_size,
     )
-    update_successful, grad_norm, _ = mo.optimizer.step()
+    if reweighter.skip_update:  # a non-finite sample (--reweight-skip-nonfinite-samples): gradients zeroed
+        update_successful, grad_norm = False, None
+    else:
+        update_successful, grad_norm, _ = mo.optimizer.step()
     if update_successful:
         mo.scheduler.step(increment=config.optim.global_batch_size)
     if runtime.device.type == "cuda":
@@ -305,6 +308,8 @@ def _interval_values(interval: _Interval, mo, reweighter, state, config: TrainCo
         drifts = [float(r["window loss drift"][0]) for r in interval.reports if r.get("window loss drift", (0, 0))[1]]
         if drifts:
             values["window loss drift"] = max(drifts)
+        if "reweight skipped samples" in values:  # each step's exact count: the interval's is their sum
+            values["reweight skipped samples"] *= interval.steps
     step_time = interval.seconds / interval.steps
     values.update(
         {

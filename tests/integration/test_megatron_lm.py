@@ -8,6 +8,7 @@ and the model's per-token losses, recorded by megatron_lm_rank.py.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -40,6 +41,7 @@ TINY_GPT = [
     "--no-bias-dropout-fusion", "--no-rope-fusion",
 ]  # fmt: skip
 LINUPPER = ["--reweight-strategy", "linupper", "--reweight-r", "0.3", "--reweight-r-warmup-steps", "2"]
+GLOBAL = ["--reweight-window", "global-batch"]
 
 
 class Run:
@@ -49,7 +51,8 @@ class Run:
         self.returncode, self.output = result.returncode, result.stdout + result.stderr
         files = [record_dir / f"rank{r}.pt" for r in range(nproc)]
         self.ranks = [torch.load(file, weights_only=False) if file.exists() else None for file in files]
-        self.iterations = self.ranks[0]["iterations"] if self.ranks[0] else {}  # the same on every rank
+        # The same on every rank of the last pipeline stage, where the last rank is.
+        self.iterations = self.ranks[-1]["iterations"] if self.ranks[-1] else {}
 
     def check(self) -> Run:
         assert self.returncode == 0, self.output[-8000:]
@@ -91,17 +94,23 @@ def gathered_sample_losses(run: Run, iteration: int, data_parallel_ranks: list[i
 # --- 1 rank: uniform equals the unmodified script; a NaN stops both the same way ---------------
 
 NAN_AT = 2  # 0-based: the third iteration
+NAN_ACTIVATION_AT = 4  # in the skip run: a NaN in a sample's activations, not only in its loss
 
 
 @pytest.fixture(scope="module")
 def one_rank_nan(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("one_rank")
     env = {"MEGATRON_LM_NAN_AT": str(NAN_AT)}
-    train = ["--train-iters", "4", "--check-for-spiky-loss"]  # its non-fatal check runs on every microbatch
+    train = ["--train-iters", "6", "--check-for-spiky-loss"]  # its non-fatal check runs on every microbatch
+    skip = ["--reweight-skip-nonfinite-samples", "--save", str(tmp / "skip" / "checkpoints"), "--save-interval", "5"]
     return {
         "plain": launch(tmp / "plain", "plain", 1, *train, env=env),
         "uniform": launch(tmp / "uniform", "reweighted", 1, *train, "--reweight-strategy", "uniform", env=env),
-        "skip": launch(tmp / "skip", "reweighted", 1, *train, *LINUPPER, "--reweight-skip-nonfinite-samples", env=env),
+        "global": launch(tmp / "global", "reweighted", 1, *train, "--reweight-strategy", "uniform", *GLOBAL, env=env),
+        "skip": launch(
+            tmp / "skip", "reweighted", 1, *train, *LINUPPER, *skip,
+            env={**env, "MEGATRON_LM_NAN_ACTIVATION_AT": str(NAN_ACTIVATION_AT)},
+        ),  # fmt: skip
     }
 
 
@@ -112,15 +121,17 @@ def test_one_rank_uniform_equals_the_unmodified_script_until_the_nan(one_rank_na
 
 
 def test_a_nan_loss_stops_the_reweighted_run_as_it_stops_megatron(one_rank_nan):
-    for run in (one_rank_nan["plain"], one_rank_nan["uniform"]):
+    assert_same_training(one_rank_nan["global"], one_rank_nan["plain"])  # 4 micro-batches: two passes a step
+    for run in (one_rank_nan["plain"], one_rank_nan["uniform"], one_rank_nan["global"]):
         assert run.returncode != 0
         assert "found NaN in local forward loss calculation" in run.output
 
 
-def test_skip_mode_trains_past_the_nan_and_reports_it(one_rank_nan):
+def test_skip_mode_skips_the_update_of_a_step_with_a_nan_loss_and_reports_it(one_rank_nan):
     run = one_rank_nan["skip"].check()
-    assert sorted(run.iterations) == [0, 1, 2, 3]
+    assert sorted(run.iterations) == list(range(6))
     assert f"skipped 1 sample(s) with a non-finite loss at iteration {NAN_AT} (1 so far" in run.output
+    assert f"iteration {NAN_AT + 1}: update skipped, 1 sample(s) with a non-finite loss (1 update(s)" in run.output
     # The lm loss of that iteration is the mean over the other samples' tokens.
     microbatches = [m for m in run.ranks[0]["microbatches"] if m["iteration"] == NAN_AT]
     losses = torch.cat([m["losses"] for m in microbatches]).double()
@@ -129,8 +140,24 @@ def test_skip_mode_trains_past_the_nan_and_reports_it(one_rank_nan):
     expected_lm_loss = float(torch.where(mask.bool(), losses, 0.0).sum() / mask.sum())
     reported = run.iterations[NAN_AT]
     assert reported["lm loss"] == pytest.approx(expected_lm_loss, rel=1e-5)
-    assert reported["reweight skipped samples"] == pytest.approx(1 / len(microbatches))  # per microbatch
-    assert all(value == value for value in reported.values())  # nothing NaN, grad norm included
+    assert len(microbatches) == 4 and reported["reweight skipped samples"] == pytest.approx(1)  # the step's count
+    assert reported["skipped"] and math.isnan(reported["grad norm"])  # no update: Megatron's skipped iteration
+
+
+def test_skip_mode_skips_the_update_of_a_step_with_nan_activations(one_rank_nan):
+    """A NaN in one sample's hidden states reaches every weight's gradient (weight 0 x NaN is NaN):
+    the step's update is skipped, the parameters stay finite and training goes on."""
+    run = one_rank_nan["skip"].check()
+    assert f"iteration {NAN_ACTIVATION_AT + 1}: update skipped, 1 sample(s) with a non-finite loss (2 update(s)" in run.output
+    assert run.iterations[NAN_ACTIVATION_AT]["skipped"]
+    assert run.iterations[NAN_ACTIVATION_AT]["reweight skipped samples"] == pytest.approx(1)
+    for iteration in set(range(6)) - {NAN_AT, NAN_ACTIVATION_AT}:
+        values = run.iterations[iteration]
+        assert not values["skipped"] and all(math.isfinite(v) for v in values.values()), (iteration, values)
+    # The model after the skipped step (and the one saved at iteration 5) computes finite losses.
+    last = [m["losses"] for m in run.ranks[0]["microbatches"] if m["iteration"] == 5]
+    assert len(last) == 4 and all(torch.isfinite(losses).all() for losses in last)
+    assert run.output.count("number of skipped iterations:   1 |") == 2  # Megatron-LM's own count (log interval 1)
 
 
 # --- 2 data-parallel ranks ---------------------------------------------------------------------
@@ -148,9 +175,14 @@ def two_ranks(tmp_path_factory):
         "per-token": launch(tmp / "per_token", "reweighted", 2, *train, "--calculate-per-token-loss"),
         "linupper": launch(tmp / "linupper", "reweighted", 2, *train, *LINUPPER, *checkpoint),
     }
-    # Resume the LinUpper run from its iteration-2 checkpoint through Megatron-LM's --load.
+    # The global-batch window: 2 micro-batches per step, weighted together across both ranks.
+    global_checkpoint = ["--save", str(tmp / "global_checkpoints"), "--save-interval", "2"]
+    runs["global"] = launch(tmp / "global", "reweighted", 2, *train, *LINUPPER, *GLOBAL, *global_checkpoint)
+    # Resume the LinUpper runs from their iteration-2 checkpoints through Megatron-LM's --load.
     resume = ["--load", str(tmp / "checkpoints"), "--ckpt-step", "2"]
     runs["resumed"] = launch(tmp / "resumed", "reweighted", 2, *train, *LINUPPER, *resume)
+    resume = ["--load", str(tmp / "global_checkpoints"), "--ckpt-step", "2"]
+    runs["global resumed"] = launch(tmp / "global_resumed", "reweighted", 2, *train, *LINUPPER, *GLOBAL, *resume)
     return {name: run.check() for name, run in runs.items()}
 
 
@@ -173,11 +205,14 @@ def test_evaluation_reads_as_megatrons(two_ranks):
         assert re.findall(r"\| ([^|]+?) (?:value|PPL):", line) == ["lm loss", "lm loss"], line
 
 
-def assert_linupper_weights_match(run: Run, data_parallel_ranks: list[int]):
-    """The reported weight statistics are those of compute_weights on the gathered sample losses."""
+def assert_linupper_weights_match(run: Run, data_parallel_ranks: list[int], global_window: bool = False):
+    """The reported weight statistics are those of compute_weights on the gathered sample losses:
+    of each micro-batch across DP, or (global_window) of all the step's micro-batches at once."""
     for iteration, reported in run.iterations.items():
         r = 100.0 if iteration < 2 else 0.3  # the warm-up, then --reweight-r
         microbatches = gathered_sample_losses(run, iteration, data_parallel_ranks)
+        if global_window:
+            microbatches = [torch.cat(microbatches)]
         weights = [compute_weights(losses, "linupper", r=r) for losses in microbatches]
         n = len(microbatches[0])
         expected = {
@@ -195,8 +230,18 @@ def test_linupper_weights_are_compute_weights_of_the_gathered_sample_losses(two_
     assert_linupper_weights_match(two_ranks["linupper"], data_parallel_ranks=[0, 1])
 
 
-def test_resume_through_megatrons_checkpoint_continues_the_temperature_schedule(two_ranks):
-    uninterrupted, resumed = two_ranks["linupper"], two_ranks["resumed"]
+def test_global_window_weights_are_compute_weights_of_all_the_steps_losses(two_ranks):
+    run = two_ranks["global"]
+    assert_linupper_weights_match(run, data_parallel_ranks=[0, 1], global_window=True)
+    assert all(len(gathered_sample_losses(run, i, [0, 1])) == 2 for i in run.iterations)  # 2 micro-batches a step
+    assert all(values["window loss drift"] == 0 for values in run.iterations.values())
+    # Not the micro-batch window's weights: those of each micro-batch on its own.
+    assert run.iterations[2]["max weight x batch"] != pytest.approx(two_ranks["linupper"].iterations[2]["max weight x batch"], rel=1e-3)
+
+
+@pytest.mark.parametrize("runs", [("linupper", "resumed"), ("global", "global resumed")], ids=["micro-batch", "global"])
+def test_resume_through_megatrons_checkpoint_continues_the_temperature_schedule(two_ranks, runs):
+    uninterrupted, resumed = (two_ranks[name] for name in runs)
     assert sorted(resumed.iterations) == [2, 3]
     for iteration in (2, 3):
         for key in ("lm loss", "grad norm", "max weight x batch", "weighted loss"):
@@ -212,6 +257,21 @@ def test_tensor_parallel_2_x_data_parallel_2(tmp_path):
         for mine, theirs in zip(run.ranks[rank]["microbatches"], run.ranks[peer]["microbatches"]):
             torch.testing.assert_close(mine["losses"], theirs["losses"])
     assert_linupper_weights_match(run, data_parallel_ranks=[0, 2])
+
+
+def test_global_window_uniform_equals_the_unmodified_script_at_pp2_x_dp2(tmp_path):
+    """Uniform in the global window, PP=2 x DP=2 with 2 micro-batches a step: the unmodified script's
+    training (lm loss and grad norm), evaluation included."""
+    flags = ["--train-iters", "3", "--pipeline-model-parallel-size", "2", "--eval-iters", "1", "--eval-interval", "3"]
+    plain = launch(tmp_path / "plain", "plain", 4, *flags).check()
+    run = launch(tmp_path / "global", "reweighted", 4, *flags, "--reweight-strategy", "uniform", *GLOBAL).check()
+    assert_same_training(run, plain)
+    # Megatron's rank order puts PP last: global ranks 2, 3 are the last stage's DP ranks 0, 1.
+    assert all(len(gathered_sample_losses(run, i, [2, 3])) == 2 for i in run.iterations)
+    assert all(values["window loss drift"] == 0 for values in run.iterations.values())
+    lines = evaluation_lines(run.output)  # evaluation is Megatron's: its own loss function and keys
+    assert lines and len(lines) == len(evaluation_lines(plain.output))
+    assert all(re.findall(r"\| ([^|]+?) (?:value|PPL):", line) == ["lm loss", "lm loss"] for line in lines), lines
 
 
 def test_moe_gradients_match_a_single_process_reference():
@@ -231,3 +291,11 @@ def test_the_launcher_refuses_a_script_that_never_calls_pretrain(tmp_path):
     )  # fmt: skip
     assert result.returncode == 1 and "trained some other way" in result.stdout
     assert result.stderr.strip().endswith("never called megatron.training's pretrain: it trained without reweighting")
+
+
+def test_dropin_refusal_is_one_line_once(tmp_path):
+    run = launch(tmp_path / "refused", "reweighted", 2, "--train-iters", "1", "--reweight-strategy", "bogus")
+    assert run.returncode != 0
+    lines = [line for line in run.output.splitlines() if "unknown reweighting strategy" in line]
+    assert len(lines) == 1 and lines[0].startswith("megatron_reweight: unknown reweighting strategy"), run.output
+    assert "ValueError" not in run.output

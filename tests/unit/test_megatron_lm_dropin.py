@@ -40,10 +40,41 @@ def test_supported_settings_pass_and_a_bad_strategy_fails_at_start_up():
         megatron_lm.check_megatron_args(megatron_args("--reweight-strategy", "bogus"))
 
 
-def test_the_global_batch_window_is_refused_naming_what_to_use_instead():
-    megatron_lm.check_megatron_args(megatron_args("--reweight-window", "micro-batch"))
-    with pytest.raises(ValueError, match="not available in Megatron-LM.*Use --reweight-window micro-batch"):
-        megatron_lm.check_megatron_args(megatron_args("--reweight-window", "global-batch"))
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(hybrid_context_parallel=True), "--hybrid-context-parallel is not supported.*vary per sample"),
+        (dict(sft=True), "--sft is not supported.*packs several documents into one row"),
+    ],
+)
+def test_refuses_what_a_per_sample_loss_cannot_mean(settings, message):
+    for window in ("micro-batch", "global-batch"):
+        with pytest.raises(megatron_lm.Refused, match=message):
+            megatron_lm.check_megatron_args(megatron_args("--reweight-window", window, **settings))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(cuda_graph_impl="local"), "CUDA graphs \\(--cuda-graph-impl local\\)"),
+        (dict(cuda_graph_impl="transformer_engine"), "CUDA graphs \\(--cuda-graph-impl transformer_engine\\)"),
+        (dict(fp8="hybrid", fp8_recipe="delayed"), "FP8 delayed scaling.*amax history"),
+        (dict(virtual_pipeline_model_parallel_size=2, overlap_param_gather=True), "the interleaved pipeline schedule"),
+    ],
+)
+def test_global_window_refuses_what_its_two_passes_cannot_replay(settings, message):
+    megatron_lm.check_megatron_args(megatron_args("--reweight-window", "micro-batch", **settings))
+    with pytest.raises(megatron_lm.Refused, match="--reweight-window global-batch is not supported with " + message):
+        megatron_lm.check_megatron_args(megatron_args("--reweight-window", "global-batch", **settings))
+
+
+def test_global_window_passes_what_it_replays():
+    supported = dict(cuda_graph_impl="none", fp8="hybrid", fp8_recipe="tensorwise", overlap_param_gather=True,
+                     virtual_pipeline_model_parallel_size=None, num_experts=4, moe_router_enable_expert_bias=True)  # fmt: skip
+    megatron_lm.check_megatron_args(megatron_args("--reweight-window", "global-batch", **supported))
+    megatron_lm.check_megatron_args(
+        megatron_args("--reweight-window", "global-batch", virtual_pipeline_model_parallel_size=2)
+    )
 
 
 def test_the_reweighter_follows_the_current_process_groups(monkeypatch):
@@ -58,6 +89,12 @@ def test_the_reweighter_follows_the_current_process_groups(monkeypatch):
     restarted = megatron_lm._reweighter(args)
     assert restarted is not first and restarted.data_parallel_group is groups["dp"]
     assert megatron_lm._reweighter(megatron_args()) is not restarted  # new args (a restart re-parses them)
+
+
+def test_the_launcher_names_a_missing_script(tmp_path):
+    missing = tmp_path / "pretrain_gpt.py"
+    with pytest.raises(SystemExit, match=f"^{missing}: no such file; give the pretrain_gpt.py of your Megatron-LM"):
+        megatron_lm.main([str(missing), "--reweight-strategy", "linupper"])
 
 
 def test_the_launcher_without_a_script_prints_its_usage():
