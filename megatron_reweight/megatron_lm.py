@@ -38,9 +38,10 @@ from megatron_reweight.loss_checks import LossChecks
 
 __all__ = ["add_reweight_args", "check_megatron_args", "loss_func", "main", "with_reweighting"]
 
-# (args, data-parallel group, context-parallel group, reweighter): rebuilt when Megatron-LM
-# makes new args or process groups (in-process restart).
+# (args, data-parallel group, context-parallel group, reweighter, audit or None): rebuilt when
+# Megatron-LM makes new args or process groups (in-process restart).
 _cached: tuple | None = None
+_train_dataset: list = [None]  # the training dataset Megatron-LM built: the audit's document ids
 
 
 class Refused(ValueError):
@@ -99,7 +100,12 @@ def _reweighter(args) -> SampleReweighter:
         reweighter = SampleReweighter(
             reweight_config_from_args(args), dp_group, cp_group, checks=LossChecks.from_args(args)
         )
-        _cached = (args, dp_group, cp_group, reweighter)
+        audit = None
+        if args.reweight_audit_dir is not None:
+            from megatron_reweight.audit.megatron_lm import MegatronLMAudit
+
+            audit = MegatronLMAudit(args, reweighter, _train_dataset[0])
+        _cached = (args, dp_group, cp_group, reweighter, audit)
     return _cached[3]
 
 
@@ -110,7 +116,10 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
     args = get_args()
     reweighter = _reweighter(args)
     reweighter.step = args.curr_iteration
-    return reweighter.loss_func(loss_mask, output_tensor)
+    result = reweighter.loss_func(loss_mask, output_tensor)
+    if _cached[4] is not None:  # --reweight-audit-dir
+        _cached[4].after_loss_func()
+    return result
 
 
 class _TrainingStep:
@@ -176,6 +185,16 @@ def _checked_model_provider(model_provider):
     return wrapped
 
 
+def _keeping_train_dataset(provider):
+    @functools.wraps(provider)  # keeps the attributes Megatron-LM reads (is_distributed)
+    def wrapped(*args, **kwargs):
+        datasets = provider(*args, **kwargs)
+        _train_dataset[0] = datasets[0]
+        return datasets
+
+    return wrapped
+
+
 def _with_reweight_args(extra_args_provider):
     def provider(parser):
         if extra_args_provider is not None:
@@ -195,6 +214,8 @@ def with_reweighting(pretrain):
         call.arguments["model_provider"] = _checked_model_provider(call.arguments["model_provider"])
         call.arguments["forward_step_func"] = _reweighted_forward_step(call.arguments["forward_step_func"])
         call.arguments["extra_args_provider"] = _with_reweight_args(call.arguments.get("extra_args_provider"))
+        provider = call.arguments["train_valid_test_dataset_provider"]
+        call.arguments["train_valid_test_dataset_provider"] = _keeping_train_dataset(provider)
         import megatron.training.training as training
 
         train_step = training.train_step

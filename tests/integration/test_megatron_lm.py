@@ -169,21 +169,26 @@ def two_ranks(tmp_path_factory):
     train = ["--train-iters", "4"]
     evaluation = ["--eval-iters", "1", "--eval-interval", "4"]
     checkpoint = ["--save", str(tmp / "checkpoints"), "--save-interval", "2"]
+    audit = ["--reweight-audit-dir", str(tmp / "audit")]
     runs = {
         "plain": launch(tmp / "plain", "plain", 2, *train, *evaluation),
         "uniform": launch(tmp / "uniform", "reweighted", 2, *train, *evaluation, "--reweight-strategy", "uniform"),
         "per-token": launch(tmp / "per_token", "reweighted", 2, *train, "--calculate-per-token-loss"),
-        "linupper": launch(tmp / "linupper", "reweighted", 2, *train, *LINUPPER, *checkpoint),
+        "linupper": launch(tmp / "linupper", "reweighted", 2, *train, *LINUPPER, *checkpoint, *audit),
     }
+    from megatron_reweight.audit import read_audit
+
+    runs["audit before the resume"] = read_audit(tmp / "audit")
     # The global-batch window: 2 micro-batches per step, weighted together across both ranks.
     global_checkpoint = ["--save", str(tmp / "global_checkpoints"), "--save-interval", "2"]
     runs["global"] = launch(tmp / "global", "reweighted", 2, *train, *LINUPPER, *GLOBAL, *global_checkpoint)
     # Resume the LinUpper runs from their iteration-2 checkpoints through Megatron-LM's --load.
     resume = ["--load", str(tmp / "checkpoints"), "--ckpt-step", "2"]
-    runs["resumed"] = launch(tmp / "resumed", "reweighted", 2, *train, *LINUPPER, *resume)
+    runs["resumed"] = launch(tmp / "resumed", "reweighted", 2, *train, *LINUPPER, *resume, *audit)
+    runs["audit"] = read_audit(tmp / "audit")
     resume = ["--load", str(tmp / "global_checkpoints"), "--ckpt-step", "2"]
     runs["global resumed"] = launch(tmp / "global_resumed", "reweighted", 2, *train, *LINUPPER, *GLOBAL, *resume)
-    return {name: run.check() for name, run in runs.items()}
+    return {name: run.check() if isinstance(run, Run) else run for name, run in runs.items()}
 
 
 def test_two_ranks_uniform_equals_the_unmodified_script(two_ranks):
@@ -247,6 +252,31 @@ def test_resume_through_megatrons_checkpoint_continues_the_temperature_schedule(
         for key in ("lm loss", "grad norm", "max weight x batch", "weighted loss"):
             expected = uninterrupted.iterations[iteration][key]
             assert resumed.iterations[iteration][key] == pytest.approx(expected, rel=1e-5), (iteration, key)
+
+
+def test_the_audit_holds_every_sample_once_through_a_resume(two_ranks):
+    """--reweight-audit-dir in Megatron-LM: per iteration, the gathered samples' losses (from the
+    model's per-token losses) and their LinUpper weights, at their places in the training order;
+    the resumed run (from iteration 2) replaced the rows after 2 instead of adding to them."""
+    run = two_ranks["linupper"]
+    (meta, before), (_, after) = two_ranks["audit before the resume"], two_ranks["audit"]
+    assert meta["documents_recorded"] and meta["dataset_domains"] == ["mock"] and meta["window_size"] == 4
+    rows = after.to_pydict()
+    assert rows["iteration"] == [i for i in range(1, 5) for _ in range(8)]
+    assert rows["sample"] == list(range(32)) and rows["window"] == [w for _ in range(4) for w in (0, 0, 0, 0, 1, 1, 1, 1)]
+    assert all(documents for documents in rows["documents"]) and set(rows["domain"]) == {"mock"}
+    for iteration in range(4):  # Megatron-LM counts from 0, its log and the audit from 1
+        windows = gathered_sample_losses(run, iteration, data_parallel_ranks=[0, 1])
+        r = 100.0 if iteration < 2 else 0.3
+        chosen = slice(8 * iteration, 8 * iteration + 8)
+        assert rows["loss"][chosen] == pytest.approx(torch.cat(windows).tolist(), rel=1e-5)
+        expected = torch.cat([4 * compute_weights(losses, "linupper", r=r) for losses in windows])
+        assert rows["weight_x_b"][chosen] == pytest.approx(expected.tolist(), rel=1e-4)
+        assert set(rows["r"][chosen]) == {r}
+    # The resumed steps replay the same samples.
+    assert rows["documents"] == before.to_pydict()["documents"]
+    for key in ("loss", "weight_x_b"):
+        assert rows[key] == pytest.approx(before.to_pydict()[key], rel=1e-5), key
 
 
 def test_tensor_parallel_2_x_data_parallel_2(tmp_path):
