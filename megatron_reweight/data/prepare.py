@@ -126,6 +126,7 @@ def prepare(config: PrepareConfig) -> PreparedData:
             "merge_shards": config.output.merge_shards,
         },
     }
+    _check_writable(Path(config.output.output_dir))
     with folder_lock(Path(config.output.output_dir)):
         output = OutputDirectory(config.output.output_dir, settings, dtype)
         backend = None
@@ -481,6 +482,23 @@ def parse_domain_weights(spec: str) -> dict[str, float] | None:
     if sum(weights.values()) <= 0:
         raise DataPrepError(f"domain weights {spec!r}: at least one weight must be positive")
     return weights
+
+
+def _check_writable(folder: Path) -> None:
+    """A folder the run can write into (made if missing), or one line saying why not."""
+    if folder.exists() and not folder.is_dir():
+        raise DataPrepError(f"--output-dir {folder} exists and is not a folder; choose another --output-dir")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataPrepError(
+            f"--output-dir {folder}: cannot create it ({error.strerror}); choose a folder you can write to"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):  # also false on a read-only file system, even for root
+        raise DataPrepError(
+            f"--output-dir {folder} is not writable (its permissions or a read-only file system); choose a "
+            "folder you can write to, or make it writable"
+        )
 
 
 def data_path_of(summary: dict[str, Any], output_dir: Path, domain_weights: str) -> list[str]:
