@@ -221,7 +221,8 @@ rw_on_usr1() {
 # file sets the run's knobs (variables) and the model flags (arrays):
 #   SEQ_LEN GLOBAL_BATCH MICRO_BATCH TRAIN_ITERS LR MIN_LR LR_WARMUP_ITERS
 #   REWEIGHT_STRATEGY REWEIGHT_R R_WARMUP_STEPS REWEIGHT_WINDOW SAVE_INTERVAL EVAL_INTERVAL
-#   LOG_INTERVAL TOKENIZER TOKENS_PER_GPU_S; DATA_PATH MODEL_ARGS PARALLEL_ARGS.
+#   LOG_INTERVAL TOKENIZER TOKENS_PER_GPU_S; DATA_PATH MODEL_ARGS PARALLEL_ARGS; optionally
+#   PLAN_NOTE (the layout's plan, printed with the time estimate).
 rw_train() {
     : "${RUN_ROOT:?}" "${SEQ_LEN:?}" "${GLOBAL_BATCH:?}" "${MICRO_BATCH:?}" "${TRAIN_ITERS:?}"
     : "${LR:?}" "${MIN_LR:?}" "${LR_WARMUP_ITERS:?}" "${REWEIGHT_STRATEGY:?}" "${REWEIGHT_R:?}"
@@ -264,6 +265,7 @@ rw_train() {
         printf "plan: %d sequences x %d tokens x %d steps = %.1fe9 tokens\n", b, s, n, t / 1e9
         printf "plan: %d GPUs at %d tokens/s/GPU: %.1f hours\n", g, tps, t / (tps * g) / 3600
     }'
+    [[ -z ${PLAN_NOTE:-} ]] || echo "plan: $PLAN_NOTE"
     local start
     start=$(rw_checkpoint_iteration "$ckpt_dir")
     rw_log "job $SLURM_JOB_ID, attempt $((${SLURM_RESTART_COUNT:-0} + 1))," \

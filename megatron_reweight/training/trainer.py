@@ -29,6 +29,7 @@ import torch.distributed as dist
 from megatron_reweight import window
 from megatron_reweight.loss import SampleReweighter, report_means, sum_reports
 from megatron_reweight.loss_checks import LossChecks
+from megatron_reweight.plan import GIB, estimate, run_layout
 from megatron_reweight.training import distributed
 from megatron_reweight.training.checkpointing import Checkpointer, check_save_directory
 from megatron_reweight.training.config import TrainConfig
@@ -124,7 +125,7 @@ def _train(config: TrainConfig, runtime, data, exit_monitor: ExitMonitor) -> Tra
     reweighter = SampleReweighter.from_parallel_state(config.reweight, data.domains, checks=checks)
     checkpointer = Checkpointer(config, mo, log, checks)
     state = checkpointer.load()
-    _log_run(log, config, runtime, mo, vocab, num_microbatches, data.domains)
+    _log_run(log, config, runtime, mo, vocab, data.tokenizer.vocab_size, num_microbatches, data.domains)
     if data.prefixes is not None and data.cache_path is None:
         log.print(
             "note: no --data-cache-path: megatron-core caches the sample indices beside the data and rebuilds the "
@@ -363,7 +364,9 @@ def _window_size(config: TrainConfig, runtime) -> int:
     return o.global_batch_size if config.reweight.window == "global-batch" else o.micro_batch_size * runtime.dp_size
 
 
-def _log_run(log: MetricsLogger, config: TrainConfig, runtime, mo, vocab: int, num_microbatches: int, domains) -> None:
+def _log_run(
+    log: MetricsLogger, config: TrainConfig, runtime, mo, vocab: int, data_vocab: int, num_microbatches: int, domains
+) -> None:
     # Parameter count of the whole model: sum the shards over TP and PP (DP/CP replicate).
     from megatron.core import parallel_state
 
@@ -401,6 +404,10 @@ def _log_run(log: MetricsLogger, config: TrainConfig, runtime, mo, vocab: int, n
         f"(r={r.temperature.warmup_r} for {r.temperature.warmup_steps} steps), {r.window} window "
         f"(b={_window_size(config, runtime)}) | domains {', '.join(domains)}"
     )
+    # Megatron-LM's memory estimate and the step cost of this layout (megatron-reweight-plan).
+    planned = estimate(m, data_vocab, run_layout(config, runtime.dp_size), r.window)
+    log.print(f"pretrain_llama: layout estimate: {planned.summary()}")
+    summary.update(memory_estimate_gib=planned.memory / GIB, step_cost=planned.cost)
     log.record({"kind": "run", **summary, "config": config.to_dict()})
 
 

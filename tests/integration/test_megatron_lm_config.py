@@ -14,23 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import shlex
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import REPO
+from tests.helpers.megatron_lm import AVAILABLE, REASON, llama_flags, megatron_lm_args
+from tests.helpers.sbatch import sbatch_command
 
-MEGATRON_LM = os.environ.get("MEGATRON_LM_PATH")
-pytestmark = pytest.mark.skipif(
-    not (MEGATRON_LM and Path(MEGATRON_LM, "megatron", "training", "arguments.py").is_file()),
-    reason="set MEGATRON_LM_PATH to a Megatron-LM checkout at core_v0.16.1",
-)
-SLURM_DIR = REPO / "examples" / "slurm"
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason=REASON)
 DOCS = REPO / "docs" / "training.md"
 
 # Field -> why it differs, on every layout (the run's own choices).
@@ -53,23 +45,6 @@ INTENDED_ON_CPU = {
 }  # fmt: skip
 
 
-def sbatch_command(script: str, tmp_path: Path, **env: str) -> tuple[list[str], int]:
-    """The trainer's flags and the world size of an sbatch script's real run (DRY_RUN=1)."""
-    data = tmp_path / "data" / "fineweb" / "part-000"
-    data.mkdir(parents=True, exist_ok=True)
-    (data / "data_path.txt").write_text(f"1 {data}/fineweb_00000\n")
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    environment.update(DRY_RUN="1", RUN_ROOT=str(tmp_path / "runs"), DATA_ROOT=str(tmp_path / "data"), IMAGE="x")
-    environment.update(env)
-    result = subprocess.run(
-        ["bash", str(SLURM_DIR / script)], env=environment, cwd=REPO, capture_output=True, text=True, check=True
-    )
-    argv = shlex.split(next(line for line in result.stdout.splitlines() if line.startswith("srun ")))
-    nodes = int(next(a for a in argv if a.startswith("--nnodes=")).split("=")[1])
-    per_node = int(next(a for a in argv if a.startswith("--nproc-per-node=")).split("=")[1])
-    return argv[argv.index("/opt/megatron-reweight/pretrain_llama.py") + 1 :], nodes * per_node
-
-
 def our_configs(trainer_args: list[str], world_size: int, on_gpu: bool, monkeypatch) -> tuple:
     """What pretrain_llama.py builds from these flags (on a CUDA machine with TE and apex if on_gpu)."""
     from megatron_reweight import model
@@ -87,19 +62,9 @@ def our_configs(trainer_args: list[str], world_size: int, on_gpu: bool, monkeypa
 
 
 def pretrain_gpt_flags(config, world_size: int) -> list[str]:
-    """The `pretrain_gpt.py` command equivalent to a pretrain_llama.py run (Llama: RMSNorm,
-    SwiGLU, RoPE, untied embeddings, no biases, no dropout)."""
+    """The `pretrain_gpt.py` command equivalent to a pretrain_llama.py run."""
     m, p, o, d = config.model, config.parallel, config.optim, config.device
-    flags = [
-        "--num-layers", m.num_layers, "--hidden-size", m.hidden_size, "--ffn-hidden-size", m.ffn_hidden_size,
-        "--num-attention-heads", m.num_attention_heads, "--group-query-attention",
-        "--num-query-groups", m.num_query_groups, "--seq-length", m.seq_length,
-        "--max-position-embeddings", m.max_position_embeddings, "--position-embedding-type", "rope",
-        "--rotary-base", m.rotary_base, "--normalization", "RMSNorm", "--norm-epsilon", m.norm_epsilon, "--swiglu",
-        "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--hidden-dropout", 0,
-        "--attention-dropout", 0, "--init-method-std", m.init_method_std,
-        "--make-vocab-size-divisible-by", m.make_vocab_size_divisible_by,
-        "--micro-batch-size", o.micro_batch_size, "--global-batch-size", o.global_batch_size,
+    flags = llama_flags(m, micro_batch=o.micro_batch_size, global_batch=o.global_batch_size, vocab_size=32000) + [
         "--train-iters", o.train_iters, "--lr", o.lr, "--min-lr", o.min_lr, "--lr-warmup-iters", o.lr_warmup_iters,
         "--lr-decay-iters", o.lr_decay_iters, "--lr-decay-style", o.lr_decay_style, "--weight-decay", o.weight_decay,
         "--clip-grad", o.clip_grad, "--adam-beta1", o.adam_beta1, "--adam-beta2", o.adam_beta2,
@@ -107,7 +72,6 @@ def pretrain_gpt_flags(config, world_size: int) -> list[str]:
         "--tensor-model-parallel-size", p.tensor_model_parallel_size,
         "--pipeline-model-parallel-size", p.pipeline_model_parallel_size,
         "--context-parallel-size", p.context_parallel_size, "--transformer-impl", d.transformer_impl,
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", 32000, "--mock-data",
     ]  # fmt: skip
     switches = {
         "--bf16": d.bf16, "--sequence-parallel": p.sequence_parallel,
@@ -128,18 +92,10 @@ def pretrain_gpt_flags(config, world_size: int) -> list[str]:
 
 def megatron_lm_configs(flags: list[str], world_size: int, monkeypatch) -> tuple:
     """Megatron-LM's TransformerConfig arguments, DDP config and optimizer config for these flags."""
-    monkeypatch.syspath_prepend(MEGATRON_LM)
-    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # validate_args asserts it with TP/CP
-    monkeypatch.setenv("WORLD_SIZE", str(world_size))
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *flags])
+    args = megatron_lm_args(flags, world_size, monkeypatch)
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.transformer import TransformerConfig
     from megatron.training import arguments, training
-
-    monkeypatch.setattr(arguments, "get_device_arch_version", lambda: 9)  # an H100; validate_args asks CUDA
-    args = arguments.parse_args()
-    arguments.validate_args(args, {})
 
     @dataclasses.dataclass
     class Recorded(TransformerConfig):
@@ -198,7 +154,7 @@ def test_configuration_equals_megatron_lms(preset, tmp_path, monkeypatch):
     if script is None:  # the CPU demo run: torchrun --nproc-per-node 2 pretrain_llama.py
         trainer_args, world_size, on_gpu = ["--preset", "tiny", "--mock-data"], 2, False
     else:
-        trainer_args, world_size = sbatch_command(script, tmp_path, **env)
+        trainer_args, world_size, _ = sbatch_command(script, tmp_path, **env)
         on_gpu = True
     config, transformer, ddp, optimizer = our_configs(trainer_args, world_size, on_gpu, monkeypatch)
     assert config.preset == preset
