@@ -116,10 +116,14 @@ class Estimate:
             parts.append(f"pipeline bubble +{self.bubble_share:.0%}")
         parts.append(f"TP/CP communication +{self.communication_share:.0%}")
         return (
-            f"{self.memory / GIB:.2f} GiB per GPU (weights and optimizer {self.weights_and_optimizer / GIB:.2f}, "
-            f"activations {self.activations / GIB:.2f}; Megatron-LM's formula), step cost {self.cost:.2f} x an "
+            f"{_size(self.memory)} per GPU (weights and optimizer {_size(self.weights_and_optimizer)}, "
+            f"activations {_size(self.activations)}; Megatron-LM's formula), step cost {self.cost:.2f} x an "
             f"ideal step ({', '.join(parts)}), {self._window_note()}"
         )
+
+
+def _size(size: float) -> str:
+    return f"{size / GIB:.2f} GiB" if size >= GIB / 10 else f"{size / 1024**2:.1f} MiB"
 
 
 # ------------------------------------------------------------- Megatron-LM's formula (ported)

@@ -5,7 +5,10 @@
 #      (benchmarks/overhead.py --device cuda, DP=1, bf16, Transformer Engine when installed);
 #   3. tokens/s of pretrain_llama.py with and without reweighting on the same shape
 #      (benchmarks/bench_trainer_throughput.py);
-#   4. tokens/s and MFU of both, rendered by benchmarks/gpu_report.py into docs/results.md.
+#   4. tokens/s and MFU of both, rendered by benchmarks/gpu_report.py into docs/results.md;
+#   5. (GPU only) peak memory of 2 layers of the llama-1.4b and llama-7b shapes at the layout
+#      planner's micro-batch against its estimate, and the step time with Megatron-LM's fusions
+#      on and off (benchmarks/memory_check.py, OUT/memory.json).
 # The model is LAYERS layers of the llama-1.4b shape, MICROBATCHES micro-batches of 1 x 8192
 # tokens per step, vocabulary 32000.
 #
@@ -76,3 +79,8 @@ echo "== 3/4 pretrain_llama.py tokens/s, uniform and linupper"
 echo "== 4/4 tokens/s and MFU"
 "$PYTHON" -m benchmarks.gpu_report --overhead "$OUT/overhead.json" --trainer "$OUT/trainer_throughput.json" \
     "${PEAK[@]}" "${RESULTS_MD[@]}" --out "$OUT/gpu_check.json"
+
+if [ "$DRY_RUN" = 0 ]; then
+    echo "== 5/5 peak memory against the layout planner's estimate; fusions on and off"
+    "$PYTHON" -m benchmarks.memory_check --device cuda --layers 2 --out "$OUT/memory.json"
+fi
