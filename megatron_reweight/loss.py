@@ -203,7 +203,7 @@ class SampleReweighter:
         self.data_parallel_group = data_parallel_group
         self.context_parallel_group = context_parallel_group
         self.domain_names = domain_names or []
-        self.step = 0
+        self.step = 0  # completed steps: the console numbers the running one step + 1
         self.last_losses: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
         self.skipped_samples = 0  # non-finite samples skipped on this rank (skip_nonfinite_samples)
@@ -311,7 +311,7 @@ class SampleReweighter:
                 self.step_nonfinite += skipped
                 logger.warning(
                     f"rank {dist.get_rank() if dist.is_initialized() else 0}: skipped {skipped} sample(s) with a "
-                    f"non-finite loss at iteration {self.step} ({self.skipped_samples} so far on this rank; "
+                    f"non-finite loss at iteration {self.step + 1} ({self.skipped_samples} so far on this rank; "
                     f"--reweight-skip-nonfinite-samples)"
                 )
         if self.checks is None:

@@ -130,7 +130,8 @@ def test_a_nan_loss_stops_the_reweighted_run_as_it_stops_megatron(one_rank_nan):
 def test_skip_mode_skips_the_update_of_a_step_with_a_nan_loss_and_reports_it(one_rank_nan):
     run = one_rank_nan["skip"].check()
     assert sorted(run.iterations) == list(range(6))
-    assert f"skipped 1 sample(s) with a non-finite loss at iteration {NAN_AT} (1 so far" in run.output
+    # Megatron-LM's console numbers iterations from 1: the NaN's is NAN_AT + 1 there and here.
+    assert f"skipped 1 sample(s) with a non-finite loss at iteration {NAN_AT + 1} (1 so far" in run.output
     assert f"iteration {NAN_AT + 1}: update skipped, 1 sample(s) with a non-finite loss (1 update(s)" in run.output
     # The lm loss of that iteration is the mean over the other samples' tokens.
     microbatches = [m for m in run.ranks[0]["microbatches"] if m["iteration"] == NAN_AT]

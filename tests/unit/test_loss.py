@@ -141,19 +141,19 @@ def test_loss_checks_stop_at_a_nonfinite_loss_as_megatron_does(fault, masked, me
     checked_reweighter(skip=False, nan_and_inf=False).loss_func(mask, poisoned)  # --no-check-for-nan-in-loss-and-grad
 
 
-def test_skip_mode_trains_past_a_nonfinite_sample_and_counts_and_logs_it(caplog):
+def test_skip_mode_trains_past_a_nonfinite_sample_and_counts_and_logs_it_in_console_numbering(caplog):
     weight, per_token = token_losses()
     mask = mask_of()
     poison = torch.zeros_like(per_token)
     poison[3, 4], mask[3, 4] = math.nan, 1.0
     skipping = checked_reweighter(skip=True)
-    skipping.step = 7
+    skipping.step = 7  # 7 steps done: the console calls this one iteration 8
     loss, _, report = skipping.loss_func(mask, per_token + poison)
     loss.backward()
     assert torch.isfinite(weight.grad).all() and report["reweight skipped samples"][0] == 1
     skipping.loss_func(mask, per_token.detach() + poison)
     assert skipping.skipped_samples == 2
-    assert "skipped 1 sample(s) with a non-finite loss at iteration 7 (2 so far" in caplog.text
+    assert "skipped 1 sample(s) with a non-finite loss at iteration 8 (2 so far" in caplog.text
 
 
 def test_faults_in_masked_tokens_are_ignored():
