@@ -67,12 +67,22 @@ def record_checksums(directory: Path, group=None) -> None:
         os.replace(tmp, directory / CHECKSUM_FILE)
 
 
+class ChecksumFileError(ValueError):
+    """A checksums.json that cannot be read: the checkpoint is damaged."""
+
+
 def read_checksums(directory: Path) -> dict[str, list] | None:
-    """The recorded {file: [size, digest]}, or None for a checkpoint saved without checksums."""
+    """The recorded {file: [size, digest]}, or None where there is no checksums.json."""
     path = Path(directory) / CHECKSUM_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text())["files"]
+    try:
+        files = json.loads(path.read_text())["files"]
+        if not all(isinstance(entry, list) and len(entry) == 2 for entry in files.values()):
+            raise ValueError("not a table of file: [size, digest]")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ChecksumFileError(f"{CHECKSUM_FILE} cannot be read ({type(error).__name__}: {error})") from None
+    return files
 
 
 def size_problems(directory: Path, files: dict[str, list]) -> list[str]:

@@ -8,7 +8,9 @@ tensor is stored once with its global shape, so megatron-core reads it whole in 
 and the directory gets what `from_pretrained` and lm-evaluation-harness read: config.json
 (transformers' LlamaConfig), model.safetensors (sharded with an index past 5 GB) and the
 tokenizer files. A checkpoint whose tensors do not form a Llama model (biases, learned
-position embeddings, MoE layers, a norm with a bias) is refused, naming the tensor.
+position embeddings, MoE layers, a norm with a bias) is refused, naming the tensor. As the
+trainer does, the exporter verifies the checkpoint's checksums first and refuses a damaged or
+incomplete checkpoint, naming the complete ones to export instead.
 """
 
 from __future__ import annotations
@@ -25,7 +27,16 @@ from megatron_reweight.extras import MissingExtraError, require_extra
 
 with warnings.catch_warnings():  # megatron.core's import warns about GPU-only extras the export does not use
     warnings.simplefilter("ignore")
-    from megatron_reweight.training.checkpointing import TRACKER_FILENAME, checkpoint_name
+    from megatron_reweight.training.checkpointing import (
+        INCOMPLETE_SUFFIX,
+        READ_ERRORS,
+        TRACKER_FILENAME,
+        checkpoint_name,
+        checksum_problems,
+        damaged_checkpoint,
+        older_checkpoints,
+        unwritable,
+    )
     from megatron_reweight.training.data import JsonTokenizer
     from megatron_reweight.training.errors import ConfigError
 
@@ -51,18 +62,50 @@ class ExportError(ValueError):
 
 def checkpoint_directory(load_dir: Path, step: int | None) -> Path:
     """The dist_checkpointing directory: --load-dir itself, or its iter_NNNNNNN (the tracker's
-    latest, or --ckpt-step)."""
+    latest, or --ckpt-step). An incomplete save (iter_NNNNNNN.incomplete) is refused."""
+    if load_dir.name.endswith(INCOMPLETE_SUFFIX):
+        iteration = _iteration_of(load_dir.name.removesuffix(INCOMPLETE_SUFFIX))
+        raise ExportError(
+            f"--load-dir {load_dir}: an incomplete save (the run stopped while writing it); "
+            f"{older_checkpoints(load_dir.parent, iteration)}"
+        )
     if (load_dir / "metadata.json").is_file():
         return load_dir
     if step is None:
         tracker = load_dir / TRACKER_FILENAME
         if not tracker.is_file():
             raise ExportError(f"--load-dir {load_dir}: no {TRACKER_FILENAME} and no checkpoint in it")
-        step = int(tracker.read_text().strip())
+        step = _iteration_of(tracker.read_text().strip())
+        if step is None:
+            raise ExportError(f"--load-dir {load_dir}: {TRACKER_FILENAME} does not hold an iteration")
     directory = checkpoint_name(load_dir, step)
     if not (directory / "metadata.json").is_file():
-        raise ExportError(f"--load-dir {load_dir}: no checkpoint of iteration {step} ({directory} is missing)")
+        incomplete = directory.with_name(directory.name + INCOMPLETE_SUFFIX).exists()
+        raise ExportError(
+            f"--load-dir {load_dir}: no {'complete ' if incomplete else ''}checkpoint of iteration {step} "
+            f"({directory} is missing{', only an incomplete save' if incomplete else ''}); "
+            f"{older_checkpoints(load_dir, None)}"
+        )
     return directory
+
+
+def _iteration_of(name: str) -> int | None:
+    """The iteration of `iter_0000100` (or of a tracker's text), None if it names none."""
+    try:
+        return int(name.removeprefix("iter_"))
+    except ValueError:
+        return None
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """The trainer's verification: every file against the checksums recorded at save."""
+    problems = checksum_problems(directory, contents=True)
+    if not problems:
+        return
+    iteration = _iteration_of(directory.name)
+    if iteration is None:  # --load-dir is the checkpoint itself, not one of a run's iter_*
+        raise ExportError(f"--load-dir {directory}: the checkpoint is damaged: {'; '.join(problems)}")
+    raise ExportError(damaged_checkpoint(directory.parent, iteration, problems, flag="--load-dir"))
 
 
 def _init_single_process_group() -> None:
@@ -224,7 +267,16 @@ def export(load_dir: Path, save_dir: Path, *, step: int | None = None, tokenizer
     from transformers import GenerationConfig
 
     directory = checkpoint_directory(Path(load_dir), step)
-    tensors, common = load_model_tensors(directory)
+    verify_checkpoint(directory)
+    save_dir = Path(save_dir)
+    problem = unwritable(save_dir)
+    if problem:
+        raise ExportError(f"--save-dir {save_dir} {problem}; choose a writable directory")
+    try:
+        tensors, common = load_model_tensors(directory)
+    except READ_ERRORS as error:
+        reason = f"{type(error).__name__}: {error}"
+        raise ExportError(f"--load-dir {load_dir}: {directory} cannot be read ({reason})") from None
     train_config = common.get("train_config")
     if not isinstance(train_config, dict) or "model" not in train_config:
         raise ExportError(f"{directory}: no run configuration in the checkpoint (not saved by pretrain_llama.py)")
@@ -235,13 +287,14 @@ def export(load_dir: Path, save_dir: Path, *, step: int | None = None, tokenizer
 
     config = llama_config(tensors, model_settings, torch_dtype, eod_id)
     state_dict = llama_state_dict(tensors, config, torch_dtype)
-    save_dir = Path(save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(save_dir))
-    _add_legacy_config_keys(save_dir / "config.json", config)
-    GenerationConfig(bos_token_id=eod_id, eos_token_id=eod_id).save_pretrained(str(save_dir))
-    save_weights(state_dict, save_dir)
-    save_tokenizer(tokenizer_model, eod_id, config.max_position_embeddings, save_dir)
+    try:
+        config.save_pretrained(str(save_dir))
+        _add_legacy_config_keys(save_dir / "config.json", config)
+        GenerationConfig(bos_token_id=eod_id, eos_token_id=eod_id).save_pretrained(str(save_dir))
+        save_weights(state_dict, save_dir)
+        save_tokenizer(tokenizer_model, eod_id, config.max_position_embeddings, save_dir)
+    except OSError as error:  # e.g. the disk filled up
+        raise ExportError(f"--save-dir {save_dir}: writing the export failed ({error.strerror or error})") from None
     return directory
 
 

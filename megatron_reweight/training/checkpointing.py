@@ -14,15 +14,18 @@ are done (barrier) does rank 0 rename it to iter_0000100/ and then replace the t
 file atomically (write + fsync + rename). A crash at any point leaves the tracker naming
 the previous complete checkpoint. Loading a missing or empty directory starts afresh.
 Before the rename, the ranks hash the files (`checkpoint_checksums`: iter_N/checksums.json);
-a load verifies them.
+a load verifies them. A save that fails (a full disk) removes its incomplete directory and stops
+the run with one line naming the latest complete checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,17 +36,33 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.core import CheckpointingException
+from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_reweight.checkpoint_checksums import read_checksums, record_checksums, size_problems, verify_checksums
+from megatron_reweight.arguments import StrategyOptions
+from megatron_reweight.checkpoint_checksums import (
+    CHECKSUM_FILE,
+    ChecksumFileError,
+    read_checksums,
+    record_checksums,
+    size_problems,
+    verify_checksums,
+)
+from megatron_reweight.loss import ReweightConfig
 from megatron_reweight.loss_checks import LossChecks
 from megatron_reweight.processes import bind_checkpoint_writer_to_this_process
-from megatron_reweight.training.errors import ConfigError
+from megatron_reweight.settings import flag_of, setting_fields
+from megatron_reweight.training.errors import ConfigError, TrainingStopped
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
-_INCOMPLETE_SUFFIX = ".incomplete"
+INCOMPLETE_SUFFIX = ".incomplete"
+EMBEDDING_KEY = "embedding.word_embeddings.weight"
+# What reading a damaged checkpoint raises, from torch's unpickler to megatron-core's loader.
+READ_ERRORS = (EOFError, OSError, RuntimeError, AttributeError, KeyError, ValueError, pickle.UnpicklingError,
+               CheckpointingException, CheckpointException)  # fmt: skip
 
 
 @dataclass
@@ -76,16 +95,34 @@ def read_tracker(root: Path | None) -> int | None:
     if not checkpoint_name(root, iteration).is_dir():
         raise ConfigError(
             f"--load {root}: {TRACKER_FILENAME} names iteration {iteration} but {checkpoint_name(root, iteration)} is "
-            f"missing; {_older(root, iteration)}"
+            f"missing; {older_checkpoints(root, iteration)}"
         )
     return iteration
 
 
+def unwritable(directory: Path) -> str | None:
+    """Why files cannot be written in `directory` (created if missing), or None."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        return "is a file, not a directory"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        return f"cannot be written ({error.strerror or error})"
+    return None
+
+
 def check_save_directory(save: Path | None, load: Path | None) -> None:
-    """Refuse to write over another run's checkpoints. Megatron-LM, given a --save directory with
-    checkpoints and no --load of it, trains afresh and overwrites them one by one."""
+    """Refuse a --save that cannot be written, and one with another run's checkpoints:
+    Megatron-LM, given a --save directory with checkpoints and no --load of it, trains afresh
+    and overwrites them one by one."""
     if save is None:
         return
+    problem = unwritable(save)
+    if problem:
+        raise ConfigError(f"--save {save} {problem}; choose a writable directory")
     iteration = _tracked_iteration(save)
     if iteration is not None and (load is None or Path(load).resolve() != Path(save).resolve()):
         raise ConfigError(
@@ -250,36 +287,98 @@ def save_checkpoint(root: Path, state: TrainState, mo, config) -> Path:
     """Collective: every rank must call it. Returns the checkpoint directory."""
     root = Path(root)
     final = checkpoint_name(root, state.iteration)
-    partial = final.with_name(final.name + _INCOMPLETE_SUFFIX)
+    partial = final.with_name(final.name + INCOMPLETE_SUFFIX)
     rank = dist.get_rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if partial.exists():
-            shutil.rmtree(partial)  # left by a crash during an earlier save
-        partial.mkdir()
-    dist.barrier()
-
     metadata = _optimizer_metadata(
         config.checkpoint.dist_ckpt_optim_fully_reshardable, config.parallel.use_distributed_optimizer
     )
     extra = {"train_config": config.to_dict()}
     sharded = _sharded_state_dict(mo, state, extra, metadata, is_loading=False)
-    bind_checkpoint_writer_to_this_process()
-    dist_checkpointing.save(sharded, str(partial), sharded_strategy=("torch_dist", 1), content_metadata=metadata)
-    dist.barrier()
-    if config.checkpoint.ckpt_checksums:
-        record_checksums(partial)
-
-    if rank == 0:
-        if final.exists():
-            # Left by a crash between the rename and the tracker update: the tracker still
-            # names an older iteration, so it never points at a missing directory here.
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        _fsync_dir(root)
-        _write_atomically(root / TRACKER_FILENAME, str(state.iteration))
+    needed = _tensor_bytes(sharded)
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if partial.exists():
+                shutil.rmtree(partial)  # left by a crash during an earlier save
+            partial.mkdir()
+        dist.barrier()
+        bind_checkpoint_writer_to_this_process()
+        dist_checkpointing.save(sharded, str(partial), sharded_strategy=("torch_dist", 1), content_metadata=metadata)
+        dist.barrier()
+        if config.checkpoint.ckpt_checksums:
+            record_checksums(partial)
+        if rank == 0:
+            if final.exists():
+                # Left by a crash between the rename and the tracker update: the tracker still
+                # names an older iteration, so it never points at a missing directory here.
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _fsync_dir(root)
+            _write_atomically(root / TRACKER_FILENAME, str(state.iteration))
+    except (OSError, RuntimeError, CheckpointingException, CheckpointException) as error:
+        # megatron-core gathers every rank's write failure, so all ranks stop here together.
+        raise _save_failed(root, state.iteration, partial, error, needed) from None
     dist.barrier()
     return final
+
+
+def _tensor_bytes(sharded: dict) -> int:
+    """The bytes of the tensors this rank hands to the save (an upper bound of what it writes)."""
+    return sum(
+        value.data.nbytes for value in nested_values(sharded) if isinstance(getattr(value, "data", None), torch.Tensor)
+    )
+
+
+def _save_failed(root: Path, iteration: int, partial: Path, error: BaseException, needed: int) -> TrainingStopped:
+    """The failed save as one line: what happened and where, the incomplete directory removed
+    (it holds space and can never load), and the checkpoint to resume from."""
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    try:
+        stats = os.statvfs(root)
+        free = stats.f_bavail * stats.f_frsize
+    except OSError:
+        free = None
+    # torch's zip writer reports a short write as "unexpected pos", without the errno: a file
+    # system left with less room than the save needed tells it too.
+    full = _out_of_space(error) or (free is not None and free < needed)
+    if full:
+        what = f"no space left on the device of {root} ({free / 2**20:.1f} MiB free)" if free is not None else (
+            f"no space left on the device of {root}"
+        )
+    else:
+        what = f"the save failed ({_failure_reason(error)})"
+    latest = _tracked_iteration(root)
+    last = (
+        f"the latest complete checkpoint is iteration {latest} ({checkpoint_name(root, latest)}), so the steps "
+        "after it are not saved"
+        if latest is not None
+        else "no complete checkpoint is saved there"
+    )
+    fix = "free space" if full else "fix the cause"
+    return TrainingStopped(
+        f"--save {root}: {what} while saving the checkpoint of iteration {iteration}; removed the incomplete "
+        f"{partial}; {last}; {fix}, then resume with --load {root}"
+    )
+
+
+def _out_of_space(error: BaseException) -> bool:
+    """Whether the error, its causes or a rank's write failure it gathers say the disk (or quota) is full."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return any(text in str(error) for text in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT)))
+
+
+def _failure_reason(error: BaseException) -> str:
+    """The error as one line; a save's gathered failures as each rank's last line."""
+    if isinstance(error, CheckpointException) and error.failures:
+        parts = [f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in sorted(error.failures.items())]
+    else:
+        parts = [f"{type(error).__name__}: {error}"]
+    return "; ".join(parts).replace("\n", " ")
 
 
 def load_checkpoint(root: Path | None, mo, config) -> tuple[TrainState, dict, list[str]] | None:
@@ -306,8 +405,7 @@ def load_checkpoint(root: Path | None, mo, config) -> tuple[TrainState, dict, li
         return _load(root, directory, mo, config)
     except ConfigError:
         raise
-    except (EOFError, OSError, RuntimeError, AttributeError, KeyError, ValueError, pickle.UnpicklingError,
-            CheckpointingException) as error:  # fmt: skip
+    except READ_ERRORS as error:
         reason = f"cannot be read ({type(error).__name__}: {error})"
         raise ConfigError(damaged_checkpoint(root, iteration, [reason], verdict="")) from None
 
@@ -315,6 +413,7 @@ def load_checkpoint(root: Path | None, mo, config) -> tuple[TrainState, dict, li
 def _load(root: Path, directory: Path, mo, config) -> tuple[TrainState, dict, list[str]]:
     common = dist_checkpointing.load_common_state_dict(str(directory))
     _check_same_model(root, common.get("train_config", {}).get("model", {}), config)
+    _check_same_vocabulary(root, directory, unwrap_model(mo.model[0]).vocab_size)
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or _optimizer_metadata(
         False, config.parallel.use_distributed_optimizer
     )
@@ -399,33 +498,75 @@ def _check_same_model(root, saved: dict, config) -> None:
             )
 
 
+def _check_same_vocabulary(root, directory: Path, vocab_size: int) -> None:
+    """The embedding's rows (the padded vocabulary) from the checkpoint's tensor metadata:
+    megatron-core would load a larger one cut down to its first rows, a smaller one into the
+    first rows of a fresh embedding, and train on without a word."""
+    saved = dist_checkpointing.load_tensors_metadata(str(directory)).get(EMBEDDING_KEY)
+    if saved is not None and saved.global_shape[0] != vocab_size:
+        raise ConfigError(
+            f"--load {root}: the checkpoint's model has a vocabulary of {saved.global_shape[0]} ids, this run "
+            f"{vocab_size} (both padded: the tokenizer's ids rounded up to a multiple of "
+            "--make-vocab-size-divisible-by x TP); resume with the checkpoint's --tokenizer-model and "
+            "--make-vocab-size-divisible-by"
+        )
+
+
 def _requested_step(root: Path, config) -> int:
     """--ckpt-step N: that checkpoint instead of the tracker's latest (Megatron-LM's flag)."""
     step = config.checkpoint.ckpt_step
     if not checkpoint_name(root, step).is_dir():
-        raise ConfigError(f"--ckpt-step {step}: {checkpoint_name(root, step)} does not exist; {_older(root, None)}")
+        raise ConfigError(
+            f"--ckpt-step {step}: {checkpoint_name(root, step)} does not exist; {older_checkpoints(root, None)}"
+        )
     return step
 
 
 def _verify_files(root: Path, iteration: int, config) -> None:
     """Every file against the checksums recorded at save (the same verdict on every rank)."""
-    files = read_checksums(checkpoint_name(root, iteration))
-    if files is None or not config.checkpoint.ckpt_checksums:
+    if not config.checkpoint.ckpt_checksums:
         return
-    problems = verify_checksums(checkpoint_name(root, iteration), files)
+    problems = checksum_problems(checkpoint_name(root, iteration), contents=True)
     if problems:
         raise ConfigError(damaged_checkpoint(root, iteration, problems))
 
 
-def damaged_checkpoint(root: Path, iteration: int, problems: list[str], verdict: str = "is damaged: ") -> str:
+def checksum_problems(directory: Path, contents: bool, group=None) -> list[str]:
+    """What the checksums say is wrong with a checkpoint: an unreadable checksums.json, a missing
+    one although the run saved checksums, missing or truncated files and (with `contents`, a
+    collective: every file is read) files whose bytes differ. A checkpoint saved without
+    checksums (--no-ckpt-checksums, an older version) has no problems here."""
+    try:
+        files = read_checksums(directory)
+    except ChecksumFileError as error:
+        return [str(error)]
+    if files is None:
+        saved_with_checksums = _saved_with_checksums(directory)
+        return [f"{CHECKSUM_FILE} is missing, although the run saved checksums"] if saved_with_checksums else []
+    return verify_checksums(directory, files, group) if contents else size_problems(directory, files)
+
+
+def _saved_with_checksums(directory: Path) -> bool:
+    """Whether the configuration in common.pt says the run recorded checksums (False when it
+    cannot be read: loading it then says so)."""
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(directory))
+    except READ_ERRORS:
+        return False
+    return bool(common.get("train_config", {}).get("checkpoint", {}).get("ckpt_checksums", False))
+
+
+def damaged_checkpoint(
+    root: Path, iteration: int, problems: list[str], verdict: str = "is damaged: ", flag: str = "--load"
+) -> str:
     more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
     return (
-        f"--load {root}: the checkpoint of iteration {iteration} {verdict}{problems[0]}{more}; "
-        f"{_older(root, iteration)}"
+        f"{flag} {root}: the checkpoint of iteration {iteration} {verdict}{problems[0]}{more}; "
+        f"{older_checkpoints(root, iteration)}"
     )
 
 
-def _older(root: Path, below: int | None) -> str:
+def older_checkpoints(root: Path, below: int | None) -> str:
     """Which complete checkpoints the user can fall back to, and how."""
     complete = []
     for directory in sorted(Path(root).glob("iter_*"), reverse=True):
@@ -433,9 +574,8 @@ def _older(root: Path, below: int | None) -> str:
             iteration = int(directory.name.removeprefix("iter_"))
         except ValueError:  # iter_NNNNNNN.incomplete: a save that did not finish
             continue
-        files = read_checksums(directory)
         # Without checksums (saved by an older version) a checkpoint cannot be told incomplete: listed.
-        if (below is None or iteration < below) and (files is None or not size_problems(directory, files)):
+        if (below is None or iteration < below) and not checksum_problems(directory, contents=False):
             complete.append(iteration)
     if not complete:
         return f"no complete checkpoint{' before it' if below else ''} is left: start afresh with another --load"
@@ -495,6 +635,29 @@ def data_changes(common: dict, config) -> list[str]:
     return changes
 
 
+def reweighting_changes(common: dict, config) -> list[str]:
+    """Reweighting settings that differ from the checkpoint's run, as `--flag saved -> now`.
+    Legitimate (e.g. another r from here on), so they are noted, not refused."""
+    saved = common.get("train_config", {}).get("reweight")
+    if not isinstance(saved, dict):
+        return []
+    now = config.to_dict()["reweight"]
+
+    def flat(section: dict) -> dict:
+        values = {key: value for key, value in section.items() if key not in ("temperature", "strategy_kwargs")}
+        values.update(section.get("temperature", {}))
+        values.update({f"reweight_{key}": value for key, value in section.get("strategy_kwargs", {}).items()})
+        return values
+
+    saved, now = flat(saved), flat(now)
+    flags = [(f.name, flag_of(f)) for cls in (ReweightConfig, StrategyOptions) for f, _ in setting_fields(cls)]
+    return [
+        f"{flag} {saved.get(name, 'unset')} -> {now.get(name, 'unset')}"
+        for name, flag in flags
+        if saved.get(name) != now.get(name)
+    ]
+
+
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -524,6 +687,11 @@ class Checkpointer:
             f"resumed from {self.last_checkpoint} (iteration {state.iteration}, {state.consumed_samples} samples)"
             + "".join(f"; {note}" for note in notes)
         )
+        changes = reweighting_changes(common, self.config)
+        if changes:
+            self.log.print(
+                f"note: reweighting differs from the checkpoint's run ({'; '.join(changes)}): this run's applies"
+            )
         changes = data_changes(common, self.config)
         if changes:
             self.log.print(

@@ -15,7 +15,8 @@ class ConfigError(ValueError):
 
 
 class TrainingStopped(RuntimeError):
-    """A step failed Megatron's loss or gradient checks: the run stops without saving that step."""
+    """The run cannot go on: a step failed Megatron's loss or gradient checks (that step is not
+    saved), or a checkpoint could not be saved."""
 
 
 def report_config_error(error: BaseException, exit_code: int = 2) -> None:
