@@ -90,22 +90,23 @@ def _env() -> dict:
     return env
 
 
-def command(nproc: int, args: list[str]) -> list[str]:
-    return local_command(nproc, [str(REPO / "pretrain_llama.py"), *args])
+def command(nproc: int, args: list[str], script: Path = REPO / "pretrain_llama.py") -> list[str]:
+    return local_command(nproc, [str(script), *args])
 
 
 def run(
-    nproc: int, args: list[str], timeout: float = 300, check: bool = True, env: dict | None = None
+    nproc: int, args: list[str], timeout: float = 300, check: bool = True, env: dict | None = None,
+    script: Path = REPO / "pretrain_llama.py",
 ) -> subprocess.CompletedProcess:
-    """Run pretrain_llama.py on `nproc` ranks (plain python for 1), with `env` added to the
-    environment; by default fail with its output."""
+    """Run pretrain_llama.py (or a `script` that wraps it) on `nproc` ranks (plain python for 1),
+    with `env` added to the environment; by default fail with its output."""
     result = subprocess.run(
-        command(nproc, args), capture_output=True, text=True, timeout=timeout, env={**_env(), **(env or {})},
+        command(nproc, args, script), capture_output=True, text=True, timeout=timeout, env={**_env(), **(env or {})},
         cwd=REPO, check=False,
     )  # fmt: skip
     if check and result.returncode != 0:
         raise AssertionError(
-            f"pretrain_llama.py {' '.join(args)} failed ({result.returncode}):\n"
+            f"{script.name} {' '.join(args)} failed ({result.returncode}):\n"
             f"{result.stdout[-6000:]}\n{result.stderr[-8000:]}"
         )
     return result

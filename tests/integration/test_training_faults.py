@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.pretrain import SMALL_MODEL, data_args, make_corpus, run, write_tokenizer
+from tests.helpers.pretrain import SMALL_MODEL, data_args, make_corpus, read_metrics, run, write_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +64,25 @@ def test_diverged_run_stops_at_the_first_nonfinite_check_and_never_saves_that_st
                          "resume with --load")  # fmt: skip
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(failed - 1)
     assert not list(Path(ckpt).glob(f"iter_{failed:07d}*"))
+
+
+def test_skip_nonfinite_samples_skips_the_update_of_a_step_with_nan_activations(corpus, tmp_path):
+    """A NaN in one sample's hidden states (a forward hook at iteration 3), not in its loss:
+    weight 0 cannot keep it out of the gradient (0 x NaN is NaN in the backward pass, and every
+    weight's gradient sums over all samples). --reweight-skip-nonfinite-samples skips that step's
+    update, and training goes on with finite parameters; without it the NaN check stops the run."""
+    worker = Path(__file__).parent / "workers" / "nan_activation.py"
+    args = SMALL_MODEL + data_args(corpus, tmp_path / "cache") + [
+        "--micro-batch-size", "8", "--train-iters", "6", "--eval-iters", "0", "--log-interval", "1",
+        "--metrics-file", str(tmp_path / "m.jsonl"),
+    ]  # fmt: skip
+    stopped = run(1, ["3", *args], check=False, script=worker)
+    assert stopped.returncode == 1 and "iteration 3" in stopped.stderr.strip().splitlines()[-1], stopped.stderr[-3000:]
+
+    skipped = run(1, ["3", *args, "--reweight-skip-nonfinite-samples"], script=worker)
+    outcome = json.loads(skipped.stdout.strip().splitlines()[-1])
+    assert outcome == {"finite": True, "unchanged_by_poisoned_step": True, "changed_by_next_step": True}
+    train, _ = read_metrics(tmp_path / "m.jsonl")
+    assert train[3]["skipped iterations"] == 1 and train[3]["reweight skipped samples"] == 1
+    for iteration in (4, 5, 6):
+        assert math.isfinite(train[iteration]["lm loss"]) and math.isfinite(train[iteration]["grad norm"])
