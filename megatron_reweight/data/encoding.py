@@ -4,7 +4,11 @@ encode batches of documents.
 Two backends give the same ids. "hf" is `Tokenizer.encode_batch_fast` (a whole batch per call
 into Rust, no character offsets). "tiktoken" (tiktoken_bpe.py) is about 4x faster per core and
 is used, by default, for the byte-level BPE tokenizers on which it provably gives HF's ids; every
-`VERIFY_EVERY`-th document is encoded by both and compared.
+`VERIFY_EVERY`-th text is encoded by both and compared.
+
+A document longer than `PIECE_CHARS` is encoded in pieces of about that size where cutting is
+provably exact (`cut_is_exact`): whole, a 30 MB document peaked at over 4 GB of memory, as the
+tokenizer keeps every token's string and offsets.
 """
 
 from __future__ import annotations
@@ -12,14 +16,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from itertools import chain
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from megatron_reweight.data.errors import DataPrepError
-from megatron_reweight.data.tiktoken_bpe import NoExactFastPath, TiktokenBPE, exact_tiktoken
+from megatron_reweight.data.tiktoken_bpe import (
+    GPT2_PATTERN,
+    LLAMA3_PATTERN,
+    NoExactFastPath,
+    TiktokenBPE,
+    exact_tiktoken,
+    piece_pattern,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +38,8 @@ logger = logging.getLogger(__name__)
 # others), in the order they are looked for, after a tokenizer_config.json's eos_token.
 EOD_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]", "<eod>")
 BACKENDS = ("auto", "tiktoken", "hf")
-VERIFY_EVERY = 64  # documents: 1/64 of the text is also encoded by HF (about 6% more time on the fast path)
+VERIFY_EVERY = 64  # texts: 1/64 of the text is also encoded by HF (about 6% more time on the fast path)
+PIECE_CHARS = 1 << 20  # characters: longer documents are encoded in pieces of about this size
 
 
 def load_tokenizer(spec: str) -> tuple[Tokenizer, Path]:
@@ -129,6 +141,49 @@ def select_backend(tokenizer: Tokenizer, backend: str, add_special_tokens: bool)
     return fast
 
 
+def cut_is_exact(tokenizer: Tokenizer, add_special_tokens: bool) -> str | None:
+    """None when a text cut just before a space that follows a letter or digit (`pieces`) encodes,
+    piece by piece, to the ids of the whole text; else why not.
+
+    Why: in GPT-2's and Llama 3's piece regexes no alternative matches a non-space character
+    followed by a space, so the piece holding the letter or digit ends before the space; and the
+    match starting at the space depends only on the text from there on (no look-behind). So the
+    whole text splits into the pieces of its two parts, and BPE merges within pieces. This also
+    needs no normalizer, no added token that holds whitespace or strips it on its right (either
+    could match across the cut), and no tokens added around each document."""
+    spec = json.loads(tokenizer.to_str())
+    try:
+        pattern = piece_pattern(spec)
+    except NoExactFastPath as reason:
+        return str(reason)
+    if pattern not in (GPT2_PATTERN, LLAMA3_PATTERN):
+        return "its piece regex is neither GPT-2's nor Llama 3's"
+    if spec["normalizer"] is not None:
+        return f"it has a normalizer ({spec['normalizer']['type']})"
+    for token in spec["added_tokens"]:
+        if token["rstrip"] or any(character.isspace() for character in token["content"]):
+            return f"added token {token['content']!r} can match across a space"
+    probe = "a b"
+    if tokenizer.encode(probe, add_special_tokens=add_special_tokens).ids != tokenizer.encode(probe, add_special_tokens=False).ids:
+        return "it adds tokens around each document"
+    return None
+
+
+def pieces(text: str, size: int) -> Iterator[str]:
+    """`text` in consecutive parts of at least `size` characters (the last one shorter), each cut
+    just before a space that follows a letter or digit; a text without such a space stays whole."""
+    start = 0
+    while len(text) - start > size:
+        cut = text.find(" ", start + size)
+        while cut != -1 and not text[cut - 1].isalnum():
+            cut = text.find(" ", cut + 1)
+        if cut == -1:
+            break
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
 class DocumentEncoder:
     """Encodes a batch of documents into one flat token array (EOD after each document) plus the
     length of each document including its EOD."""
@@ -140,26 +195,43 @@ class DocumentEncoder:
         dtype: type[np.number],
         add_special_tokens: bool,
         fast: TiktokenBPE | None = None,
+        piece_chars: int = PIECE_CHARS,
     ):
         self.tokenizer = tokenizer
         self.eod_id = eod_id
         self.dtype = dtype
         self.add_special_tokens = add_special_tokens
         self.fast = fast
-        self.documents = 0  # encoded so far by this process
+        self.piece_chars = piece_chars if cut_is_exact(tokenizer, add_special_tokens) is None else None
+        self.texts = 0  # encoded so far by this process
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        documents: list[np.ndarray | None] = [
+            self._encode_in_pieces(text) if self.piece_chars and len(text) > self.piece_chars else None
+            for text in texts
+        ]
+        whole = [i for i, document in enumerate(documents) if document is None]
+        for i, ids in zip(whole, self._encode([texts[i] for i in whole])):
+            documents[i] = np.array(ids, dtype=self.dtype)
+        eod = np.array([self.eod_id], dtype=self.dtype)
+        lengths = np.array([len(document) + 1 for document in documents], dtype=np.int64)
+        tokens = np.concatenate([part for document in documents for part in (document, eod)] or [eod[:0]])
+        return tokens, lengths
+
+    def _encode_in_pieces(self, text: str) -> np.ndarray:
+        return np.concatenate(
+            [np.array(self._encode([piece])[0], dtype=self.dtype) for piece in pieces(text, self.piece_chars)]
+        )
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
         if self.fast is None:
             ids = self._hf_ids(texts)
         else:
             ids = self.fast.encode_batch(texts)
-            checked = slice(-self.documents % VERIFY_EVERY, None, VERIFY_EVERY)
+            checked = slice(-self.texts % VERIFY_EVERY, None, VERIFY_EVERY)
             self._verify(texts[checked], ids[checked])
-        self.documents += len(texts)
-        documents = [document + [self.eod_id] for document in ids]
-        lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
-        tokens = np.fromiter(chain.from_iterable(documents), dtype=self.dtype, count=int(lengths.sum()))
-        return tokens, lengths
+        self.texts += len(texts)
+        return ids
 
     def _hf_ids(self, texts: list[str]) -> list[list[int]]:
         return [

@@ -37,6 +37,8 @@ from megatron_reweight.data.errors import DataPrepError
 
 # tokenizers' ByteLevel pre-tokenizer regex (use_regex=True).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Llama 3's Split pattern.
+LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 # Post-processors that add the same tokens around every document (or none).
 _CONSTANT_POST_PROCESSORS = {"ByteLevel", "TemplateProcessing", "BertProcessing", "RobertaProcessing"}
 
@@ -86,7 +88,7 @@ def exact_tiktoken(tokenizer: Tokenizer, add_special_tokens: bool) -> TiktokenBP
         raise NoExactFastPath(f"tiktoken {tiktoken.__version__} is older than 0.11 (pip install 'tiktoken>=0.11')")
     spec = json.loads(tokenizer.to_str())
     model = spec["model"]
-    pattern = _piece_pattern(spec)
+    pattern = piece_pattern(spec)
     _check_model(model)
     if spec["normalizer"] is not None:
         raise NoExactFastPath(f"it has a normalizer ({spec['normalizer']['type']})")
@@ -109,7 +111,8 @@ def exact_tiktoken(tokenizer: Tokenizer, add_special_tokens: bool) -> TiktokenBP
     return TiktokenBPE(tokenizer, encoding, prefix, suffix, add_special_tokens)
 
 
-def _piece_pattern(spec: dict) -> str:
+def piece_pattern(spec: dict) -> str:
+    """The regex that splits text into the pieces BPE merges within, or `NoExactFastPath`."""
     pre = spec["pre_tokenizer"] or {}
     if pre.get("type") == "ByteLevel" and pre["use_regex"] and not pre["add_prefix_space"]:
         return GPT2_PATTERN

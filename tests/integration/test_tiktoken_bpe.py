@@ -1,7 +1,7 @@
 """The tiktoken fast path against Hugging Face tokenizers itself: the same ids on real and hostile
 text for GPT-2- and Llama-3-shaped tokenizers, the same character classes in both regex engines
-over all of Unicode, tokenizers on which tiktoken would differ refused, and a disagreement found
-while a run writes shards stopping it."""
+over all of Unicode, tokenizers on which tiktoken would differ refused, a long document encoded in
+pieces to the whole document's ids, and a disagreement found while a run writes shards stopping it."""
 
 from __future__ import annotations
 
@@ -9,25 +9,26 @@ import json
 import sysconfig
 from pathlib import Path
 
+import numpy
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tiktoken
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from megatron_reweight.data.encoding import select_backend
+from megatron_reweight.data.encoding import DocumentEncoder, cut_is_exact, pieces, select_backend
 from megatron_reweight.data.errors import DataPrepError
 from megatron_reweight.data.prepare import OutputConfig, PrepareConfig, TokenizerConfig, main, prepare
 from megatron_reweight.data.sources import InputConfig
 from megatron_reweight.data.tiktoken_bpe import (
     GPT2_PATTERN,
+    LLAMA3_PATTERN,
     NoExactFastPath,
     TiktokenBPE,
     byte_of_character,
     exact_tiktoken,
 )
 
-LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 CONTRACTIONS = r"'s|'t|'re|'ve|'m|'ll|'d"
 # The character classes and the contraction group the two piece patterns are made of.
 PATTERN_ATOMS = {
@@ -99,6 +100,34 @@ def test_fast_path_gives_hf_ids_on_real_and_hostile_text(tokenizers, shape, add_
     assert fast.encode_batch(texts) == hf_ids(tokenizer, texts, add_special_tokens)
     if shape == "llama3":
         assert fast.prefix == ([tokenizer.token_to_id("<|begin_of_text|>")] if add_special_tokens else [])
+
+
+@pytest.mark.parametrize("backend", ["hf", "tiktoken"])
+@pytest.mark.parametrize("shape", ["gpt2", "llama3"])
+def test_long_document_encoded_in_pieces_gives_the_whole_documents_ids(tokenizers, shape, backend):
+    """A long document is encoded in pieces (here of 200 characters, in production 1 MiB) cut
+    before a space that follows a letter or digit: the ids equal HF's on the whole document. The
+    control: cutting every 200 characters instead changes them."""
+    tokenizer = tokenizers[shape]
+    text = " ".join(stdlib_documents(60, 20) + HOSTILE[:-3])  # not the training text
+    fast = exact_tiktoken(tokenizer, False) if backend == "tiktoken" else None
+    encoder = DocumentEncoder(tokenizer, eod_id=0, dtype=numpy.uint16, add_special_tokens=False, fast=fast, piece_chars=200)
+    tokens, lengths = encoder([text, "short"])
+    whole = hf_ids(tokenizer, [text, "short"], False)
+    assert lengths.tolist() == [len(whole[0]) + 1, len(whole[1]) + 1]
+    assert tokens.tolist() == whole[0] + [0] + whole[1] + [0]
+    assert len(list(pieces(text, 200))) > 500
+    naive = [i for start in range(0, len(text), 200) for i in hf_ids(tokenizer, [text[start : start + 200]], False)[0]]
+    assert naive != whole[0]
+
+
+def test_documents_stay_whole_where_cutting_is_not_exact(tokenizers):
+    llama3 = tokenizers["llama3"]
+    assert cut_is_exact(llama3, add_special_tokens=True) == "it adds tokens around each document"
+    normalized = edited(tokenizers["gpt2"], normalizer=json.loads(normalizers.NFKC().__getstate__()))
+    assert cut_is_exact(normalized, False) == "it has a normalizer (NFKC)"
+    encoder = DocumentEncoder(normalized, eod_id=0, dtype=numpy.uint16, add_special_tokens=False, piece_chars=10)
+    assert encoder.piece_chars is None
 
 
 @pytest.mark.parametrize("shape", ["gpt2", "llama3"])
