@@ -19,6 +19,7 @@ SHELL_SCRIPTS = sorted((REPO / "examples" / "slurm").glob("*.sbatch")) + [
     REPO / "examples" / "slurm" / "common.sh",
     REPO / "scripts" / "gpu_check.sh",
     REPO / "scripts" / "setup.sh",
+    REPO / "docker" / "ci.sh",
 ]
 DOCKERFILES = [REPO / "docker" / "Dockerfile"]
 
